@@ -1,0 +1,1 @@
+"""Unbox HTTP front end: settings, image intake, routes, CLI."""

@@ -1,0 +1,105 @@
+"""HTTP routes: parse, call the service, render. No logic beyond that."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from app.schemas import ERROR_RESPONSES, ExplainResponse, ModelOut, ModelsResponse, PredictResponse
+from app.service import InferenceService
+from models.catalog import DEFAULT_MODEL
+
+router = APIRouter()
+
+ImageField = Annotated[UploadFile, File(description="the image: JPEG, PNG, WebP, BMP, GIF or TIFF")]
+ModelField = Annotated[str, Form(description="model name (see GET /v1/models)")]
+TopKField = Annotated[int, Form(ge=1, le=100, description="how many predictions to return")]
+
+
+def _service(request: Request) -> InferenceService:
+    return request.app.state.service
+
+
+@router.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES, tags=["inference"])
+async def predict(request: Request, image: ImageField, model: ModelField = DEFAULT_MODEL,
+                  top_k: TopKField = 5) -> dict:
+    """Classify an image: the top-k classes with their softmax probabilities."""
+    data = await image.read()
+    return await run_in_threadpool(_service(request).predict, data, model, top_k)
+
+
+@router.post("/v1/explain", response_model=ExplainResponse, responses={
+    **ERROR_RESPONSES, 200: {"content": {"image/png": {}}, "description": "JSON, or the overlay PNG for Accept: image/png"}},
+    tags=["inference"])
+async def explain(
+    request: Request,
+    image: ImageField,
+    method: Annotated[str, Form(description="gradcam (default) or cam")] = "gradcam",
+    model: ModelField = DEFAULT_MODEL,
+    target: Annotated[int | None, Form(description="class index to explain; default the top-1 class")] = None,
+    layer: Annotated[str | None, Form(description="module path of the layer; default the model's")] = None,
+    top_k: TopKField = 5,
+) -> Response:
+    """Predict and explain in one call: a heat map of what drove the target class."""
+    data = await image.read()
+    result = await run_in_threadpool(_service(request).explain, data, method, model, target, layer or None, top_k)
+    if "image/png" in request.headers.get("accept", "") and "application/json" not in request.headers.get("accept", ""):
+        return Response(result.heatmap.overlay_png, media_type="image/png",
+                        headers={"X-Unbox-Target": str(result.target.index), "X-Unbox-Label": result.target.label})
+    return JSONResponse({
+        "model": result.model,
+        "method": result.method,
+        "layer": result.layer,
+        "target": vars(result.target),
+        "predictions": [vars(p) for p in result.predictions],
+        "heatmap": result.heatmap.as_json(),
+        "timing_ms": result.timing_ms,
+    })
+
+
+@router.get("/v1/models", response_model=ModelsResponse, tags=["models"])
+def list_models(request: Request) -> dict:
+    """The catalogue: every model that can be asked for, and whether it is warm."""
+    registry = _service(request).registry
+    models = []
+    for name, spec in sorted(registry.specs.items()):
+        loaded = registry.get(name) if registry.is_loaded(name) else None
+        models.append(ModelOut(
+            name=name, loaded=loaded is not None, source=spec.source, input_size=spec.input_size,
+            resize=spec.resize, num_classes=loaded.num_classes if loaded else None,
+            target_layer=loaded.default_layer if loaded else spec.target_layer,
+            description=spec.description, error=registry.load_error(name)))
+    return {"default": DEFAULT_MODEL, "models": models}
+
+
+@router.get("/healthz", tags=["operations"])
+def healthz() -> dict:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["operations"])
+def readyz(request: Request) -> JSONResponse:
+    """Ready when every start-up model is loaded (503 while loading or after a failed load)."""
+    service = _service(request)
+    states = {}
+    for name in service.settings.models:
+        if service.registry.is_loaded(name):
+            states[name] = "loaded"
+        elif service.registry.load_error(name):
+            states[name] = "failed: " + service.registry.load_error(name)
+        else:
+            states[name] = "loading"
+    ready = all(state == "loaded" for state in states.values())
+    return JSONResponse({"status": "ready" if ready else "not_ready", "models": states},
+                        status_code=200 if ready else 503)
+
+
+@router.get("/metrics", tags=["operations"])
+def metrics(request: Request) -> Response:
+    """Prometheus metrics."""
+    service = _service(request)
+    return Response(service.metrics.render(), media_type=service.metrics.content_type)

@@ -1,0 +1,90 @@
+"""What the routes call: decode, pick the model, run inference, shape the answer.
+
+Blocking work (decoding, torch) runs here, in a worker thread of the server; a semaphore caps
+how many inferences run at once so concurrent requests queue instead of thrashing the CPU.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict
+from typing import Any
+
+from PIL import Image
+
+from app.errors import ApiError
+from app.intake import ImageRejected, decode_image
+from app.metrics import Metrics
+from app.settings import Settings
+from explainers.errors import ExplainError
+from explainers.pipeline import ImageExplanation, explain_image, top_predictions
+from models.build import ModelBuildError
+from models.registry import LoadedModel, ModelLoadingError, ModelRegistry, UnknownModelError
+
+
+class InferenceService:
+    def __init__(self, settings: Settings, registry: ModelRegistry, metrics: Metrics) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self._slots = threading.BoundedSemaphore(settings.max_concurrent_inference)
+
+    def model(self, name: str) -> LoadedModel:
+        """The warm model ``name``, or the right 4xx/503."""
+        try:
+            return self.registry.get(name, wait=name not in self.settings.models)
+        except UnknownModelError:
+            known = ", ".join(sorted(self.registry.specs))
+            raise ApiError(422, "unknown_model", f"unknown model {name!r}; available: {known}") from None
+        except ModelLoadingError:
+            raise ApiError(503, "model_loading", f"model {name!r} is still loading; retry shortly",
+                           {"Retry-After": "2"}) from None
+        except (ModelBuildError, OSError, RuntimeError, ValueError) as exc:
+            raise ApiError(503, "model_unavailable", f"model {name!r} cannot be loaded: {exc}") from None
+
+    def decode(self, data: bytes) -> Image.Image:
+        if len(data) > self.settings.max_upload_bytes:
+            raise ApiError(413, "upload_too_large", f"the upload exceeds {self.settings.max_upload_bytes} bytes")
+        try:
+            return decode_image(data, self.settings.max_image_pixels).image
+        except ImageRejected as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
+
+    def predict(self, data: bytes, model_name: str, top_k: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        image = self.decode(data)
+        model = self.model(model_name)
+        decoded = time.perf_counter()
+        inputs, _ = model.preprocessor.to_input(image)
+        with self._slots:
+            began = time.perf_counter()
+            logits = model.logits(inputs)[0]
+            self.metrics.inference.labels(model.name, "predict").observe(time.perf_counter() - began)
+        predictions = top_predictions(logits, model.labels, top_k)
+        finished = time.perf_counter()
+        return {
+            "model": model.name,
+            "predictions": [asdict(p) for p in predictions],
+            "timing_ms": {"decode": round((decoded - started) * 1e3, 2),
+                          "inference": round((finished - decoded) * 1e3, 2),
+                          "total": round((finished - started) * 1e3, 2)},
+        }
+
+    def explain(self, data: bytes, method: str, model_name: str, target: int | None, layer: str | None,
+                top_k: int) -> ImageExplanation:
+        started = time.perf_counter()
+        image = self.decode(data)
+        model = self.model(model_name)
+        if target is not None and not 0 <= target < model.num_classes:
+            raise ApiError(422, "invalid_target", f"target must be a class index in [0, {model.num_classes - 1}]")
+        decoded = time.perf_counter()
+        try:
+            with self._slots:
+                result = explain_image(model, image, method, target, layer, top_k, self.settings.overlay_max_side)
+        except ExplainError as exc:
+            raise ApiError(422, exc.code, exc.message) from None
+        self.metrics.inference.labels(model.name, method).observe(result.timing_ms["explain"] / 1e3)
+        result.timing_ms = {"decode": round((decoded - started) * 1e3, 2), **result.timing_ms,
+                            "total": round((time.perf_counter() - started) * 1e3, 2)}
+        return result

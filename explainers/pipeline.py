@@ -1,0 +1,140 @@
+"""One image in, prediction + explanation + pictures out: shared by the API, CLI and workers.
+
+It only relies on the duck-typed model handle below (the catalogue's ``LoadedModel`` fits),
+so explainers stay independent of how models are built and stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from explainers.cam import CAM, ActivationCAM, GradCAM
+from explainers.errors import ExplainError
+from explainers.render import blend, encode_png, fit_within, to_uint8
+from explainers.result import Explanation
+
+SYNC_METHODS: dict[str, type[ActivationCAM]] = {"gradcam": GradCAM, "cam": CAM}
+
+
+class ModelHandle(Protocol):
+    name: str
+    module: nn.Module
+    labels: tuple[str, ...]
+    preprocessor: Any
+    default_layer: str | None
+
+
+@dataclass
+class Prediction:
+    index: int
+    label: str
+    score: float
+
+
+@dataclass
+class HeatmapPictures:
+    """A map at feature resolution plus its pictures at the uploaded image's geometry."""
+
+    width: int
+    height: int
+    grid: list[list[float]]
+    png: bytes
+    overlay_png: bytes
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "width": self.width,
+            "height": self.height,
+            "grid": self.grid,
+            "png": base64.b64encode(self.png).decode("ascii"),
+            "overlay_png": base64.b64encode(self.overlay_png).decode("ascii"),
+        }
+
+
+@dataclass
+class ImageExplanation:
+    model: str
+    method: str
+    layer: str | None
+    target: Prediction
+    predictions: list[Prediction]
+    heatmap: HeatmapPictures
+    explanation: Explanation
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+def top_predictions(logits: torch.Tensor, labels: tuple[str, ...], k: int) -> list[Prediction]:
+    """The ``k`` most probable classes of one image's logits."""
+    probabilities = logits.float().softmax(dim=-1)
+    values, indices = probabilities.topk(min(k, probabilities.numel()))
+    return [Prediction(int(i), labels[int(i)], round(float(v), 6)) for v, i in zip(values.tolist(), indices.tolist())]
+
+
+def target_prediction(logits: torch.Tensor, labels: tuple[str, ...], index: int) -> Prediction:
+    probabilities = logits.float().softmax(dim=-1)
+    return Prediction(index, labels[index], round(float(probabilities[index]), 6))
+
+
+def make_explainer(method: str, model: ModelHandle, layer: str | None) -> ActivationCAM:
+    """The synchronous explainer ``method`` bound to ``model`` at ``layer`` (or its default)."""
+    try:
+        kind = SYNC_METHODS[method]
+    except KeyError:
+        raise ExplainError("unknown_method", f"method must be one of {sorted(SYNC_METHODS)}") from None
+    chosen = layer or model.default_layer
+    if chosen is None:
+        raise ExplainError("layer_unsupported", f"model {model.name} has no layer to explain at")
+    return kind(model.module, chosen)
+
+
+def render_pictures(image: Image.Image, saliency: torch.Tensor, preprocessor: Any,
+                    overlay_max_side: int) -> HeatmapPictures:
+    """Grayscale PNG at the image's size and a colour overlay capped at ``overlay_max_side``."""
+    geometry = preprocessor.geometry(*image.size)
+    full = to_uint8(preprocessor.map_to_image(saliency, geometry))
+    width, height = fit_within(image.width, image.height, overlay_max_side)
+    small = image if (width, height) == image.size else image.resize((width, height), Image.Resampling.BILINEAR)
+    levels = full if (width, height) == image.size else to_uint8(
+        preprocessor.map_to_image(saliency, geometry, width, height))
+    overlay = blend(np.asarray(small.convert("RGB")), levels)
+    grid = [[round(v, 4) for v in row] for row in saliency.float().cpu().tolist()]
+    return HeatmapPictures(image.width, image.height, grid, encode_png(full), encode_png(overlay))
+
+
+def explain_image(model: ModelHandle, image: Image.Image, method: str = "gradcam", target: int | None = None,
+                  layer: str | None = None, top_k: int = 5, overlay_max_side: int = 1024) -> ImageExplanation:
+    """Predict ``image`` with ``model`` and explain ``target`` (default top-1) with ``method``."""
+    started = time.perf_counter()
+    explainer = make_explainer(method, model, layer)
+    inputs, _ = model.preprocessor.to_input(image)
+    prepared = time.perf_counter()
+    explanation = explainer.explain(inputs, target)
+    logits = explanation.logits[0]
+    target_index = int(explanation.targets[0])
+    predictions = top_predictions(logits, model.labels, top_k)
+    explained = time.perf_counter()
+    pictures = render_pictures(image, explanation.saliency[0], model.preprocessor, overlay_max_side)
+    finished = time.perf_counter()
+    return ImageExplanation(
+        model=model.name,
+        method=method,
+        layer=explainer.layer,
+        target=target_prediction(logits, model.labels, target_index),
+        predictions=predictions,
+        heatmap=pictures,
+        explanation=explanation,
+        timing_ms={
+            "preprocess": round((prepared - started) * 1e3, 2),
+            "explain": round((explained - prepared) * 1e3, 2),
+            "render": round((finished - explained) * 1e3, 2),
+            "total": round((finished - started) * 1e3, 2),
+        },
+    )

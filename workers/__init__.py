@@ -1,0 +1,1 @@
+"""The queue side: job functions, the in-process RQ worker, job storage conventions."""
