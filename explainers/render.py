@@ -21,7 +21,7 @@ def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
 
 def to_uint8(saliency: torch.Tensor) -> np.ndarray:
     """A [0, 1] map as a uint8 array (one device -> host copy)."""
-    return saliency.clamp(0, 1).mul(255).round_().to(torch.uint8).cpu().numpy()
+    return saliency.mul(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8).cpu().numpy()
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -38,6 +38,7 @@ def colorize(levels: np.ndarray, colormap: str = "inferno") -> np.ndarray:
 
 def blend(image: np.ndarray, levels: np.ndarray, alpha: float = 0.5, colormap: str = "inferno") -> np.ndarray:
     """The colour-mapped heat map laid over an RGB image of the same size."""
-    heat = colorize(levels, colormap).astype(np.float32)
-    mixed = image.astype(np.float32) * (1.0 - alpha) + heat * alpha
-    return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+    weight = int(round(alpha * 256))  # fixed point: 8 fractional bits, uint16 never overflows
+    heat = colorize(levels, colormap).astype(np.uint16)
+    mixed = image.astype(np.uint16) * (256 - weight) + heat * weight + 128
+    return (mixed >> 8).astype(np.uint8)

@@ -43,7 +43,10 @@ def _efficientnet_lite0() -> nn.Module:
 def _load_state_dict(module: nn.Module, path: str) -> None:
     if not Path(path).is_file():
         raise ModelBuildError(f"weights file {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a plain tensor checkpoint: refused, never unpickled
+        raise ModelBuildError(f"weights {path} are not a loadable state dict (weights_only): {exc}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     try:
