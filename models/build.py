@@ -52,7 +52,8 @@ def _load_state_dict(module: nn.Module, path: str) -> None:
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
-        raise ModelBuildError(f"weights {path} do not fit the architecture: {exc}") from None
+        summary = str(exc).replace("\n", " ")
+        raise ModelBuildError(f"weights {path} do not fit the architecture: {summary[:400]}") from None
 
 
 def build_module(spec: ModelSpec, num_classes: int) -> nn.Module:
@@ -87,5 +88,6 @@ def build_module(spec: ModelSpec, num_classes: int) -> nn.Module:
     if spec.weights not in (None, "pretrained") and kind in ("timm", "torchvision"):
         _load_state_dict(module, spec.weights)
     module.eval()
-    module.requires_grad_(False)
+    for parameter in module.parameters():  # frozen: explanations never need parameter gradients
+        parameter.requires_grad_(False)
     return module

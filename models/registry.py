@@ -56,14 +56,16 @@ class LoadedModel:
 
 
 def _last_feature_map_layer(module: nn.Module, size: int) -> str | None:
-    """The module whose 4-D output fires last in a forward pass: the usual CAM layer."""
+    """The module whose spatial (4-D, more than 1 x 1) output fires last in a forward pass:
+    the usual CAM layer (global pooling, whose output is 1 x 1, is skipped)."""
     fired: list[str] = []
     handles = []
     for name, sub in module.named_modules():
         if name:
             handles.append(sub.register_forward_hook(
                 lambda _m, _i, out, name=name: fired.append(name)
-                if isinstance(out, torch.Tensor) and out.dim() == 4 else None))
+                if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1
+                else None))
     try:
         with torch.inference_mode():
             module(torch.zeros(1, 3, size, size, device=next(module.parameters()).device))
