@@ -1,9 +1,12 @@
-"""The ``unbox`` command: serve, api and an offline ``explain``."""
+"""The ``unbox`` command: serve, api, worker and an offline ``explain``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +22,68 @@ def _run_api(settings: Settings) -> int:
     print(f"Unbox API on http://{settings.host}:{settings.port}  (docs: /docs)", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0
+
+
+def _run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
+    from workers.worker import run_worker
+
+    code = run_worker(settings, burst=args.burst)
+    # The worker has stopped cleanly; skip the interpreter's teardown of torch, which takes
+    # seconds (it only frees memory the OS reclaims anyway).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _stop_child(process: subprocess.Popen, name: str, grace_s: float) -> None:
+    """SIGTERM (a worker finishes its job first), then SIGKILL after ``grace_s``."""
+    if process.poll() is not None:
+        return
+    print(f"stopping {name} (pid {process.pid})", flush=True)
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _serve(settings: Settings) -> int:
+    """Everything on one machine: Redis (embedded unless UNBOX_REDIS_URL is set), one worker, the API.
+
+    Children run in their own sessions, so Ctrl-C reaches only this process, which then stops
+    the API, the worker (after its current job, at most 30 s) and Redis, in that order.
+    """
+    from workers.redis_server import EmbeddedRedis
+
+    def _terminate(_signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _terminate)  # so SIGTERM unwinds through the clean-up below
+    embedded: EmbeddedRedis | None = None
+    worker: subprocess.Popen | None = None
+    try:
+        if not settings.redis_url:
+            embedded = EmbeddedRedis().start()
+            settings = settings.model_copy(update={"redis_url": embedded.url})
+        env = {**os.environ, "UNBOX_REDIS_URL": settings.redis_url or ""}
+        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env, start_new_session=True)
+        where = f"embedded at {embedded.url}" if embedded else settings.redis_url
+        print(f"Unbox on http://{settings.host}:{settings.port}  (Redis {where}; 1 worker, pid {worker.pid}; "
+              "Ctrl-C stops all)", flush=True)
+        return _run_api(settings)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
+        if worker is not None:
+            _stop_child(worker, "the worker", 30)
+        if embedded is not None:
+            print("stopping the embedded Redis", flush=True)
+            embedded.close()
 
 
 def _explain(args: argparse.Namespace, settings: Settings) -> int:
@@ -66,8 +131,11 @@ def _explain(args: argparse.Namespace, settings: Settings) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unbox", description="Predictions with the heat maps that explain them.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run everything on this machine (the API and its model)")
+    commands.add_parser("serve", help="run everything on this machine: the API, a worker and (unless "
+                        "UNBOX_REDIS_URL is set) an embedded Redis")
     commands.add_parser("api", help="run the HTTP API alone")
+    worker = commands.add_parser("worker", help="run one queue worker with warm models (needs UNBOX_REDIS_URL)")
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     explain = commands.add_parser("explain", help="explain one image offline, no server")
     explain.add_argument("image")
     explain.add_argument("--method", default="gradcam", help="gradcam (default) or cam")
@@ -85,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
-        if args.command in ("serve", "api"):
+        if args.command == "serve":
+            return _serve(settings)
+        if args.command == "worker":
+            return _run_worker(args, settings)
+        if args.command == "api":
             return _run_api(settings)
         return _explain(args, settings)
     except SettingsError as exc:

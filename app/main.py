@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -14,25 +15,55 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.errors import install_error_handlers
+from app.jobs import JobsClient
+from app.jobs import router as jobs_router
 from app.limits import BodySizeLimit
 from app.metrics import Metrics, MetricsMiddleware
+from app.pages import pages_router
 from app.routes import router
 from app.service import InferenceService
 from app.settings import Settings, SettingsError, load_settings
 from models.catalog import CatalogError, load_catalog
-from models.registry import ModelRegistry
+from models.registry import LoadedModel, ModelRegistry
 
 logger = logging.getLogger("unbox")
 MULTIPART_SLACK_BYTES = 64 * 1024  # form fields and part headers around the image
 
 
-def _load_startup_models(registry: ModelRegistry, names: list[str]) -> None:
+def _load_startup_models(registry: ModelRegistry, names: list[str], settings: Settings | None = None) -> None:
     for name in names:
         try:
-            registry.get(name)
+            model = registry.get(name)
             logger.info("model %s loaded", name)
         except Exception as exc:  # reported by /readyz and /v1/models
             logger.error("model %s failed to load: %s", name, exc)
+            continue
+        if settings is not None:
+            _warm_fast_paths(model, settings)
+
+
+def _warm_fast_paths(model: LoadedModel, settings: Settings) -> None:
+    """Compile / capture the explainers' fixed-shape forwards now, so no request pays for it.
+
+    CUDA only, and only when torch.compile or CUDA graphs are on: one Grad-CAM and one
+    Score-CAM on a noise image build the cached runners (the Score-CAM batch shape is the same
+    in exact and fast mode). A failure here only means those requests run eagerly.
+    """
+    fast = settings.fast_path()
+    if not settings.fast_warmup or not fast.wants_runner(model.device) or model.default_layer is None:
+        return
+    from explainers.pipeline import make_explainer
+
+    started = time.perf_counter()
+    try:
+        size = model.spec.input_size
+        noise = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(model.device)
+        make_explainer("gradcam", model, None, fastpath=fast).explain(noise)
+        options = {"channels": settings.scorecam_channels or None, "memory_budget_mb": settings.scorecam_memory_mb}
+        make_explainer("scorecam", model, None, options, fast).explain(noise)
+        logger.info("model %s fast paths warmed in %.1f s", model.name, time.perf_counter() - started)
+    except Exception as exc:
+        logger.warning("model %s fast-path warm-up failed (requests run eagerly): %s", model.name, exc)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -52,10 +83,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader = threading.Thread(target=_load_startup_models, args=(registry, settings.models),
+        loader = threading.Thread(target=_load_startup_models, args=(registry, settings.models, settings),
                                   name="unbox-model-loader", daemon=True)
         loader.start()
         yield
+        app.state.jobs.close()
 
     app = FastAPI(
         title="Unbox",
@@ -67,8 +99,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.service = InferenceService(settings, registry, metrics)
+    app.state.jobs = JobsClient(settings, app.state.service)  # Redis connects lazily, per call
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(jobs_router)
+    app.include_router(pages_router)
     _mount_offline_docs(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

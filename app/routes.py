@@ -37,15 +37,20 @@ async def predict(request: Request, image: ImageField, model: ModelField = DEFAU
 async def explain(
     request: Request,
     image: ImageField,
-    method: Annotated[str, Form(description="gradcam (default) or cam")] = "gradcam",
+    method: Annotated[str, Form(description="gradcam (default), scorecam or cam")] = "gradcam",
     model: ModelField = DEFAULT_MODEL,
     target: Annotated[int | None, Form(description="class index to explain; default the top-1 class")] = None,
     layer: Annotated[str | None, Form(description="module path of the layer; default the model's")] = None,
     top_k: TopKField = 5,
+    channels: Annotated[str | None, Form(description="scorecam only: how many channels to score (fast mode; "
+                                          "default from UNBOX_SCORECAM_CHANNELS) or 'all' (exact)")] = None,
+    metrics: Annotated[bool, Form(description="also score the map: deletion/insertion AUCs and their protocol "
+                                  "(blurred baseline, softmax probability, 50 steps; about 100 extra forwards)")] = False,
 ) -> Response:
     """Predict and explain in one call: a heat map of what drove the target class."""
     data = await image.read()
-    result = await run_in_threadpool(_service(request).explain, data, method, model, target, layer or None, top_k)
+    result = await run_in_threadpool(_service(request).explain, data, method, model, target, layer or None, top_k,
+                                     channels, metrics)
     if "image/png" in request.headers.get("accept", "") and "application/json" not in request.headers.get("accept", ""):
         return Response(result.heatmap.overlay_png, media_type="image/png",
                         headers={"X-Unbox-Target": str(result.target.index), "X-Unbox-Label": result.target.label})
@@ -56,6 +61,8 @@ async def explain(
         "target": vars(result.target),
         "predictions": [vars(p) for p in result.predictions],
         "heatmap": result.heatmap.as_json(),
+        "details": result.explanation.details,  # what ran: mode, channels, forward passes, precision
+        **({"metrics": result.metrics} if result.metrics is not None else {}),
         "timing_ms": result.timing_ms,
     })
 
@@ -83,7 +90,11 @@ def healthz() -> dict:
 
 @router.get("/readyz", tags=["operations"])
 def readyz(request: Request) -> JSONResponse:
-    """Ready when every start-up model is loaded (503 while loading or after a failed load)."""
+    """Ready when every start-up model is loaded (503 while loading or after a failed load).
+
+    ``queue`` reports Redis (ok / unreachable / not_configured); an unreachable Redis makes the
+    status ``degraded`` (200): predictions and explanations still work, job endpoints answer 503.
+    """
     service = _service(request)
     states = {}
     for name in service.settings.models:
@@ -94,7 +105,10 @@ def readyz(request: Request) -> JSONResponse:
         else:
             states[name] = "loading"
     ready = all(state == "loaded" for state in states.values())
-    return JSONResponse({"status": "ready" if ready else "not_ready", "models": states},
+    # Redis is reported, not required: without it only /v1/jobs is down (503), the rest serves.
+    queue = request.app.state.jobs.health()
+    status = "not_ready" if not ready else "degraded" if queue["status"] == "unreachable" else "ready"
+    return JSONResponse({"status": status, "models": states, "queue": queue},
                         status_code=200 if ready else 503)
 
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from pydantic import BaseModel
+
+from workers.settings import SettingsError
 
 
 class JobCanceled(Exception):
@@ -53,15 +55,26 @@ def register(method: JobMethod) -> JobMethod:
     return method
 
 
-def load_builtin_methods() -> dict[str, JobMethod]:
-    """Import every built-in method module once; returns the registry."""
+def load_builtin_methods(extra_modules: Sequence[str] = ()) -> dict[str, JobMethod]:
+    """Import every built-in method module once (plus ``extra_modules``, the plug-ins named by
+    ``UNBOX_JOB_METHOD_MODULES``, which must exist); returns the registry."""
     for module in BUILTIN_METHOD_MODULES:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
             if exc.name != module:
                 raise
+    for module in extra_modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise SettingsError(f"UNBOX_JOB_METHOD_MODULES names {module!r}, which cannot be imported: {exc}") from None
     return dict(_METHODS)
+
+
+def method_timeout(method: JobMethod, overrides: dict[str, int]) -> int:
+    """The job timeout in seconds: the ``UNBOX_JOB_TIMEOUTS`` override, else the method's own."""
+    return int(overrides.get(method.name, method.timeout_s))
 
 
 def get_method(name: str) -> JobMethod:

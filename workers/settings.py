@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -31,6 +31,51 @@ class CoreSettings(BaseSettings):
     overlay_max_side: int = Field(1024, ge=16, le=8192)
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads; default torch's")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # --- Score-CAM and the GPU fast path (API and workers run the same explainers) ---
+    scorecam_memory_mb: int = Field(512, ge=16, description="device memory one Score-CAM batch of masked "
+                                    "forwards may use; sets the batch size")
+    scorecam_channels: int = Field(32, ge=0, description="channels the synchronous Score-CAM scores by default "
+                                   "(fast mode); 0 = all channels (exact)")
+    fast_precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="autocast precision of explainer forwards: auto = fp16 on CUDA, fp32 on the CPU")
+    fast_channels_last: bool = Field(True, description="NHWC inputs/weights for explainer forwards")
+    fast_compile: bool = Field(False, description="torch.compile the fixed-shape forwards (CUDA only)")
+    fast_cuda_graphs: bool = Field(True, description="CUDA-graph replay of fixed-shape forwards and "
+                                   "Grad-CAM's forward + backward (CUDA only)")
+    fast_warmup: bool = Field(True, description="compile/capture at start-up so no request pays for it")
+
+    def fast_path(self):  # -> explainers.fastpath.FastPath (imported lazily: settings stay light)
+        """The explainers' execution options from these settings."""
+        from explainers.fastpath import FastPath
+
+        return FastPath(precision=self.fast_precision, channels_last=self.fast_channels_last,
+                        compile=self.fast_compile, cuda_graphs=self.fast_cuda_graphs)
+
+    # --- job queue (Redis + RQ): shared by the API, the workers and `unbox serve` ---
+    redis_url: str | None = Field(None, description="redis://host:port/db; unset: `unbox serve` embeds one")
+    redis_timeout_s: float = Field(2.0, gt=0, le=60, description="connect/command timeout towards Redis")
+    queue_name: str = Field("unbox", min_length=1, description="the RQ queue jobs go to and workers take from")
+    job_result_ttl_s: int = Field(24 * 3600, ge=1, description="how long a finished job and its result are kept")
+    job_image_ttl_s: int = Field(24 * 3600, ge=60, description="how long an uploaded image waits for its job")
+    max_queue_length: int = Field(1000, ge=1, description="queued jobs beyond this are refused with 503")
+    job_timeouts: dict[str, int] = Field(default_factory=dict,
+                                         description='per-method timeout overrides in s, JSON: {"igos++": 900}')
+    job_method_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="extra modules registering job methods (comma-separated)")
+    worker_heartbeat_s: float = Field(2.0, gt=0, le=60,
+                                      description="a worker silent for 3 beats is presumed dead; its job is retried")
+    webhook_secret: SecretStr | None = Field(None, description="Standard Webhooks secret (whsec_<base64> or text)")
+    webhook_max_attempts: int = Field(6, ge=1, le=20)
+    webhook_backoff_s: float = Field(2.0, gt=0, description="first retry delay; doubles per attempt (cap 10 min)")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120)
+
+    @field_validator("job_method_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
 
     @field_validator("models", mode="before")
     @classmethod

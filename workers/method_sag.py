@@ -1,0 +1,119 @@
+"""Structured Attention Graphs as a queued job: ``sag``.
+
+The result holds every root found (minimal sufficient patch sets), the graph (nodes keyed by
+patch set, edges removing one patch), the scores, an SVG of the graph, a PNG of the graph's
+roots over the image (``picture_png``, served as ``result.png``), the parameters used, the
+patch ordering used, the forward-pass counts and the timing.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from explainers.pipeline import target_prediction, top_predictions
+from explainers.sag import SAG, SAGConfig, SAGResult
+from explainers.sag_render import render_svg, root_pictures, roots_overlay
+from workers.methods import JobMethod, ProgressReporter, register
+from workers.runtime import overlay_max_side
+
+ROOT_PICTURE_SIDE = 256  # each root's own overlay stays small; picture_png has the full size
+MAX_BATCH = {"cuda": 256, "cpu": 64}  # images per forward; bounds memory, not the algorithm
+
+
+class SagParams(BaseModel):
+    """Parameters of a ``sag`` job (defaults: the paper's reference set-up)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grid: int = Field(7, ge=2, le=16, description="patches per side (crisp squares)")
+    beam_width: int = Field(3, ge=1, le=50, description="states kept per search step")
+    successors: int = Field(15, ge=1, le=256, description="most important unused patches proposed per state")
+    threshold: float = Field(0.9, gt=0, le=1, description="a set suffices at this share of the full-image probability")
+    max_root_size: int = Field(12, ge=1, le=64, description="largest patch set the search grows")
+    max_roots: int = Field(10, ge=1, le=50, description="the search stops after this many roots")
+    overlap_limit: int = Field(1, ge=0, le=64, description="most patches two graph roots may share")
+    graph_roots: int = Field(3, ge=1, le=10, description="roots the graph is drawn from")
+    graph_threshold: float = Field(0.4, ge=0, le=1, description="a node is expanded while its probability "
+                                   "is at least this share of the full-image probability")
+    max_nodes: int = Field(100, ge=1, le=2000, description="bound on the graph's nodes")
+    baseline: Literal["black", "blur"] = Field("black", description="what removed patches show")
+    ordering: Literal["auto", "igos", "gradcam", "occlusion"] = Field(
+        "auto", description="patch ordering: auto = coarse I-GOS, else Grad-CAM, else single-patch deletion")
+    top_k: int = Field(5, ge=1, le=100, description="how many predictions to return")
+
+
+def _config(params: SagParams, device_type: str) -> SAGConfig:
+    values = params.model_dump(exclude={"top_k"})
+    return SAGConfig(**values, max_batch=MAX_BATCH.get(device_type, 64))
+
+
+def result_json(result: SAGResult) -> dict[str, Any]:
+    """The JSON-able roots, graph and bookkeeping of a SAG result."""
+    full = max(result.full_score, 1e-12)
+    return {
+        "full_score": round(result.full_score, 6),
+        "threshold": round(result.details["threshold"], 6),
+        "graph_threshold": round(result.details["graph_threshold"], 6),
+        "grid": result.grid,
+        "patch_edges": {"x": list(result.edges_x), "y": list(result.edges_y)},
+        "ordering": result.ordering,
+        "patch_order": result.patch_order,
+        "baseline": result.details["baseline"],
+        "precision": result.details["precision"],
+        "search_steps": result.details["search_steps"],
+        "roots": [{"patches": list(r.patches), "score": round(r.score, 6), "relative": round(r.score / full, 4),
+                   "selected": r.selected} for r in result.roots],
+        "nodes": [{"id": n.id, "patches": list(n.patches), "score": round(n.score, 6),
+                   "relative": round(n.score / full, 4), "level": n.level, "root": n.root, "expanded": n.expanded}
+                  for n in result.nodes],
+        "edges": [{"source": e.source, "target": e.target, "removed": e.removed, "drop": round(e.drop, 6)}
+                  for e in result.edges],
+        "truncated": result.truncated,
+        "forward_passes": result.details["forward"],
+    }
+
+
+def run_sag(model: Any, image: Any, target: int | None, params: SagParams,
+            report: ProgressReporter) -> dict[str, Any]:
+    """Search, graph and drawings for one image; ``report`` is called per search step."""
+    started = time.perf_counter()
+    report(0.0, "preparing")
+    inputs, geometry = model.preprocessor.to_input(image)
+    layer = model.default_layer if getattr(model, "scriptable_hooks", True) else None
+    explainer = SAG(model.module, _config(params, inputs.device.type), layer=layer,
+                    mean=model.spec.mean, std=model.spec.std)
+    result = explainer.explain(inputs, target, progress=lambda fraction, stage: report(0.9 * fraction, stage))
+    explained = time.perf_counter()
+    report(0.9, "drawing")
+    input_size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+    svg = render_svg(result, image, geometry.box, input_size, model.labels)
+    overlay = roots_overlay(result, image, geometry.box, input_size, overlay_max_side())
+    pictures = root_pictures(result, image, geometry.box, input_size, ROOT_PICTURE_SIDE)
+    finished = time.perf_counter()
+
+    body = result_json(result)
+    for root, picture in zip(body["roots"], pictures):
+        root["png"] = base64.b64encode(picture["png"]).decode("ascii")
+    logits = result.logits[0]
+    timing = dict(result.details["timing_ms"])
+    timing.update(explain=round((explained - started) * 1e3, 2), render=round((finished - explained) * 1e3, 2),
+                  total=round((finished - started) * 1e3, 2))
+    return {
+        "model": model.name,
+        "method": "sag",
+        "target": vars(target_prediction(logits, model.labels, result.target)),
+        "predictions": [vars(p) for p in top_predictions(logits, model.labels, params.top_k)],
+        **body,
+        "svg": svg,
+        "picture_png": base64.b64encode(overlay).decode("ascii"),
+        "params": params.model_dump(),
+        "timing_ms": timing,
+    }
+
+
+register(JobMethod("sag", SagParams, run_sag, timeout_s=900,
+                   description="Structured Attention Graph: minimal sufficient patch sets and their subsets"))

