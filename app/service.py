@@ -29,6 +29,7 @@ class InferenceService:
         self.registry = registry
         self.metrics = metrics
         self._slots = threading.BoundedSemaphore(settings.max_concurrent_inference)
+        self.fastpath = settings.fast_path()
 
     def model(self, name: str) -> LoadedModel:
         """The warm model ``name``, or the right 4xx/503."""
@@ -71,9 +72,31 @@ class InferenceService:
                           "total": round((finished - started) * 1e3, 2)},
         }
 
+    def method_options(self, method: str, channels: str | None) -> dict[str, Any]:
+        """The method's own parameters: Score-CAM's channel count (the request's, else the
+        settings' default; ``all`` = exact) and memory budget. ``channels`` elsewhere is a 422."""
+        text = (channels or "").strip().lower()
+        if method != "scorecam":
+            if text:
+                raise ApiError(422, "invalid_parameter", "channels applies to method scorecam only")
+            return {}
+        if not text:
+            count = self.settings.scorecam_channels or None
+        elif text == "all":
+            count = None
+        else:
+            try:
+                count = int(text)
+            except ValueError:
+                count = 0
+            if count < 1:
+                raise ApiError(422, "invalid_parameter", "channels must be a positive integer or 'all'")
+        return {"channels": count, "memory_budget_mb": self.settings.scorecam_memory_mb}
+
     def explain(self, data: bytes, method: str, model_name: str, target: int | None, layer: str | None,
-                top_k: int) -> ImageExplanation:
+                top_k: int, channels: str | None = None, metrics: bool = False) -> ImageExplanation:
         started = time.perf_counter()
+        options = self.method_options(method, channels)
         image = self.decode(data)
         model = self.model(model_name)
         if target is not None and not 0 <= target < model.num_classes:
@@ -81,7 +104,8 @@ class InferenceService:
         decoded = time.perf_counter()
         try:
             with self._slots:
-                result = explain_image(model, image, method, target, layer, top_k, self.settings.overlay_max_side)
+                result = explain_image(model, image, method, target, layer, top_k, self.settings.overlay_max_side,
+                                       options, self.fastpath, metrics=metrics)
         except ExplainError as exc:
             raise ApiError(422, exc.code, exc.message) from None
         self.metrics.inference.labels(model.name, method).observe(result.timing_ms["explain"] / 1e3)

@@ -16,12 +16,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from explainers.cam import CAM, ActivationCAM, GradCAM
+from explainers.cam import CAM, ActivationCAM, GradCAM, ScoreCAM
 from explainers.errors import ExplainError
+from explainers.metrics import map_metrics
+from explainers.fastpath import FastPath
 from explainers.render import blend, encode_png, fit_within, to_uint8
 from explainers.result import Explanation
 
-SYNC_METHODS: dict[str, type[ActivationCAM]] = {"gradcam": GradCAM, "cam": CAM}
+SYNC_METHODS: dict[str, type[ActivationCAM]] = {"gradcam": GradCAM, "scorecam": ScoreCAM, "cam": CAM}
 
 
 class ModelHandle(Protocol):
@@ -69,6 +71,7 @@ class ImageExplanation:
     heatmap: HeatmapPictures
     explanation: Explanation
     timing_ms: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] | None = None  # deletion/insertion AUCs + protocol, when asked for
 
 
 def top_predictions(logits: torch.Tensor, labels: tuple[str, ...], k: int) -> list[Prediction]:
@@ -83,8 +86,12 @@ def target_prediction(logits: torch.Tensor, labels: tuple[str, ...], index: int)
     return Prediction(index, labels[index], round(float(probabilities[index]), 6))
 
 
-def make_explainer(method: str, model: ModelHandle, layer: str | None) -> ActivationCAM:
-    """The synchronous explainer ``method`` bound to ``model`` at ``layer`` (or its default)."""
+def make_explainer(method: str, model: ModelHandle, layer: str | None, options: dict[str, Any] | None = None,
+                   fastpath: FastPath | None = None) -> ActivationCAM:
+    """The synchronous explainer ``method`` bound to ``model`` at ``layer`` (or its default).
+
+    ``options`` are the method's own parameters (Score-CAM: ``channels``, ...); ``fastpath``
+    how its forwards run (default exact fp32 eager)."""
     try:
         kind = SYNC_METHODS[method]
     except KeyError:
@@ -92,7 +99,10 @@ def make_explainer(method: str, model: ModelHandle, layer: str | None) -> Activa
     chosen = layer or model.default_layer
     if chosen is None:
         raise ExplainError("layer_unsupported", f"model {model.name} has no layer to explain at")
-    return kind(model.module, chosen)
+    unknown = sorted(set(options or {}) - set(kind.options))
+    if unknown:
+        raise ExplainError("invalid_parameter", f"method {method} does not take {', '.join(unknown)}")
+    return kind(model.module, chosen, fastpath=fastpath, **(options or {}))
 
 
 def render_pictures(image: Image.Image, saliency: torch.Tensor, preprocessor: Any,
@@ -110,10 +120,15 @@ def render_pictures(image: Image.Image, saliency: torch.Tensor, preprocessor: An
 
 
 def explain_image(model: ModelHandle, image: Image.Image, method: str = "gradcam", target: int | None = None,
-                  layer: str | None = None, top_k: int = 5, overlay_max_side: int = 1024) -> ImageExplanation:
-    """Predict ``image`` with ``model`` and explain ``target`` (default top-1) with ``method``."""
+                  layer: str | None = None, top_k: int = 5, overlay_max_side: int = 1024,
+                  options: dict[str, Any] | None = None, fastpath: FastPath | None = None,
+                  metrics: bool = False) -> ImageExplanation:
+    """Predict ``image`` with ``model`` and explain ``target`` (default top-1) with ``method``.
+
+    What ran (Score-CAM's mode and channel count, the precision, ...) is in
+    ``result.explanation.details``."""
     started = time.perf_counter()
-    explainer = make_explainer(method, model, layer)
+    explainer = make_explainer(method, model, layer, options, fastpath)
     inputs, _ = model.preprocessor.to_input(image)
     prepared = time.perf_counter()
     explanation = explainer.explain(inputs, target)
@@ -123,6 +138,7 @@ def explain_image(model: ModelHandle, image: Image.Image, method: str = "gradcam
     explained = time.perf_counter()
     pictures = render_pictures(image, explanation.saliency[0], model.preprocessor, overlay_max_side)
     finished = time.perf_counter()
+    scores = map_metrics(model.module, inputs, explanation.saliency, explanation.targets) if metrics else None
     return ImageExplanation(
         model=model.name,
         method=method,
@@ -131,10 +147,12 @@ def explain_image(model: ModelHandle, image: Image.Image, method: str = "gradcam
         predictions=predictions,
         heatmap=pictures,
         explanation=explanation,
+        metrics=scores,
         timing_ms={
             "preprocess": round((prepared - started) * 1e3, 2),
             "explain": round((explained - prepared) * 1e3, 2),
             "render": round((finished - explained) * 1e3, 2),
             "total": round((finished - started) * 1e3, 2),
+            **({"metrics": round((time.perf_counter() - finished) * 1e3, 2)} if metrics else {}),
         },
     )

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks: ``python -m bench.NAME`` runs ours and the comparison in one run."""
