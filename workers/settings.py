@@ -7,10 +7,13 @@ The worker side needs these without importing the HTTP front end; the API's own 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from explainers.fastpath import FastPath
 
 
 class SettingsError(RuntimeError):
@@ -45,8 +48,8 @@ class CoreSettings(BaseSettings):
                                    "Grad-CAM's forward + backward (CUDA only)")
     fast_warmup: bool = Field(True, description="compile/capture at start-up so no request pays for it")
 
-    def fast_path(self):  # -> explainers.fastpath.FastPath (imported lazily: settings stay light)
-        """The explainers' execution options from these settings."""
+    def fast_path(self) -> FastPath:
+        """The explainers' execution options from these settings (imported lazily: settings stay light)."""
         from explainers.fastpath import FastPath
 
         return FastPath(precision=self.fast_precision, channels_last=self.fast_channels_last,
