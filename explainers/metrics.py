@@ -1,0 +1,140 @@
+"""Deletion and insertion scores of a saliency map (Petsiuk et al., RISE, 2018; as used by I-GOS).
+
+Protocol (stated in every result, see :meth:`Protocol.as_json`): the map is resampled
+bilinearly to the model's input resolution and its pixels are ordered from most to least
+salient with a *stable* sort (ties keep raster order). Over ``steps`` equal steps, deletion
+replaces the first ``round(j * N / steps)`` pixels of the image by the baseline and insertion
+reveals them on the baseline; the last step is exactly all ``N`` pixels. The score is the
+softmax probability of the target class. The AUC is the trapezoidal area under the curve over
+the fraction of pixels changed (0..1). Lower deletion and higher insertion AUC are better.
+
+All curve images are built on the device and scored in batched forwards; the only device ->
+host copy is the final one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from explainers.baselines import BaselineKind, make_baseline
+
+DEFAULT_STEPS = 50
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a map was scored; travels with the numbers."""
+
+    steps: int = DEFAULT_STEPS
+    baseline: dict[str, Any] = field(default_factory=lambda: {"kind": "blur"})
+    resolution: tuple[int, int] = (224, 224)
+    score: str = "softmax probability of the target class"
+    order: str = "descending saliency, stable sort (ties in raster order), map resampled bilinearly"
+    auc: str = "trapezoidal rule over the fraction of pixels deleted/inserted (0..1)"
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["resolution"] = list(self.resolution)
+        return data
+
+
+@dataclass
+class Faithfulness:
+    """Deletion and insertion curves (``B x steps+1``) and their AUCs (``B``), on the host."""
+
+    deletion_curve: torch.Tensor
+    insertion_curve: torch.Tensor
+    fractions: torch.Tensor
+    deletion_auc: torch.Tensor
+    insertion_auc: torch.Tensor
+    protocol: Protocol
+
+    def as_json(self, index: int = 0, curves: bool = True) -> dict[str, Any]:
+        """One image's figures as plain JSON."""
+        data: dict[str, Any] = {
+            "deletion_auc": round(float(self.deletion_auc[index]), 6),
+            "insertion_auc": round(float(self.insertion_auc[index]), 6),
+            "protocol": self.protocol.as_json(),
+        }
+        if curves:
+            data["curves"] = {
+                "fraction": [round(v, 6) for v in self.fractions.tolist()],
+                "deletion": [round(v, 6) for v in self.deletion_curve[index].tolist()],
+                "insertion": [round(v, 6) for v in self.insertion_curve[index].tolist()],
+            }
+        return data
+
+
+def pixel_order(saliency: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``B x N`` rank of every pixel (0 = most salient) of the map resampled to ``size``."""
+    maps = saliency.float()
+    if maps.dim() == 2:
+        maps = maps[None]
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    flat = maps.flatten(1)
+    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    positions = torch.arange(flat.shape[1], device=flat.device).expand_as(order)
+    return ranks.scatter_(1, order, positions)
+
+
+def _counts(pixels: int, steps: int, device: torch.device) -> torch.Tensor:
+    """Pixels changed after each step 0..steps; exactly ``pixels`` at the last step."""
+    return torch.round(torch.arange(steps + 1, device=device, dtype=torch.float64) * pixels / steps).long()
+
+
+@torch.no_grad()
+def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.Tensor, targets: torch.Tensor,
+                       steps: int = DEFAULT_STEPS, baseline: torch.Tensor | BaselineKind = "blur",
+                       max_batch: int = 64, baseline_description: dict[str, Any] | None = None) -> Faithfulness:
+    """Deletion and insertion curves of ``saliency`` (``B x h x w``, high = important).
+
+    ``inputs`` is the normalised batch the model takes, ``targets`` one class per image,
+    ``baseline`` a tensor like ``inputs`` (described by ``baseline_description`` in the
+    protocol) or a kind for :func:`explainers.baselines.make_baseline`.
+    """
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    if isinstance(baseline, str):
+        base, description = make_baseline(inputs, baseline)
+    else:
+        base, description = baseline.to(inputs.dtype), baseline_description or {"kind": "given"}
+    batch, _, height, width = inputs.shape
+    pixels = height * width
+    ranks = pixel_order(saliency.to(inputs.device), (height, width)).view(1, batch, 1, height, width)
+    counts = _counts(pixels, steps, inputs.device)
+    targets = torch.as_tensor(targets, device=inputs.device).reshape(-1).expand(batch)
+    points = steps + 1
+    # Work list: (curve kind, step) pairs; each pair yields one image per batch element.
+    per_chunk = max(1, max_batch // batch)
+    scores = []
+    for start in range(0, 2 * points, per_chunk):
+        entries = torch.arange(start, min(start + per_chunk, 2 * points), device=inputs.device)
+        kinds, step_index = entries // points, entries % points
+        changed = ranks < counts[step_index].view(-1, 1, 1, 1, 1)  # c x B x 1 x H x W
+        deleting = (kinds == 0).view(-1, 1, 1, 1, 1)
+        # deletion: baseline where changed; insertion: image where changed, baseline elsewhere
+        use_base = torch.where(deleting, changed, ~changed)
+        images = torch.where(use_base, base.unsqueeze(0), inputs.unsqueeze(0))
+        logits = model(images.flatten(0, 1)).float()
+        probabilities = logits.softmax(dim=1).gather(1, targets.repeat(len(entries))[:, None])
+        scores.append(probabilities.view(len(entries), batch))
+    curves = torch.cat(scores).view(2, points, batch).permute(0, 2, 1).cpu()
+    fractions = counts.double().cpu() / pixels
+    aucs = torch.trapezoid(curves.double(), fractions, dim=-1)
+    protocol = Protocol(steps=steps, baseline=description, resolution=(height, width))
+    return Faithfulness(curves[0], curves[1], fractions.float(), aucs[0].float(), aucs[1].float(), protocol)
+
+
+def map_metrics(model: nn.Module, inputs: torch.Tensor, saliency: torch.Tensor, targets: torch.Tensor,
+                steps: int = DEFAULT_STEPS) -> dict[str, Any]:
+    """``{"deletion_auc", "insertion_auc", "protocol"}`` of one image's map under the default
+    protocol (blurred baseline): what ``/v1/explain`` returns with ``metrics=true``."""
+    scores = deletion_insertion(model, inputs[:1], saliency[:1], targets[:1], steps=steps, baseline="blur")
+    return scores.as_json(0, curves=False)
