@@ -110,7 +110,8 @@ class JobsClient:
         if not isinstance(raw, dict):
             raise ApiError(422, "invalid_params", "params must be a JSON object")
         try:
-            return method.params.model_validate(raw).model_dump(mode="json")
+            # Only the fields the client set travel: presets (igos's preset="cpu") fill the rest.
+            return method.params.model_validate(raw).model_dump(mode="json", exclude_unset=True)
         except ValidationError as exc:
             details = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}"
                                 for err in exc.errors())

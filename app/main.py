@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -24,7 +23,8 @@ from app.routes import router
 from app.service import InferenceService
 from app.settings import Settings, SettingsError, load_settings
 from models.catalog import CatalogError, load_catalog
-from models.registry import LoadedModel, ModelRegistry
+from models.registry import ModelRegistry
+from workers.warmup import warm_fast_paths
 
 logger = logging.getLogger("unbox")
 MULTIPART_SLACK_BYTES = 64 * 1024  # form fields and part headers around the image
@@ -39,31 +39,7 @@ def _load_startup_models(registry: ModelRegistry, names: list[str], settings: Se
             logger.error("model %s failed to load: %s", name, exc)
             continue
         if settings is not None:
-            _warm_fast_paths(model, settings)
-
-
-def _warm_fast_paths(model: LoadedModel, settings: Settings) -> None:
-    """Compile / capture the explainers' fixed-shape forwards now, so no request pays for it.
-
-    CUDA only, and only when torch.compile or CUDA graphs are on: one Grad-CAM and one
-    Score-CAM on a noise image build the cached runners (the Score-CAM batch shape is the same
-    in exact and fast mode). A failure here only means those requests run eagerly.
-    """
-    fast = settings.fast_path()
-    if not settings.fast_warmup or not fast.wants_runner(model.device) or model.default_layer is None:
-        return
-    from explainers.pipeline import make_explainer
-
-    started = time.perf_counter()
-    try:
-        size = model.spec.input_size
-        noise = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(model.device)
-        make_explainer("gradcam", model, None, fastpath=fast).explain(noise)
-        options = {"channels": settings.scorecam_channels or None, "memory_budget_mb": settings.scorecam_memory_mb}
-        make_explainer("scorecam", model, None, options, fast).explain(noise)
-        logger.info("model %s fast paths warmed in %.1f s", model.name, time.perf_counter() - started)
-    except Exception as exc:
-        logger.warning("model %s fast-path warm-up failed (requests run eagerly): %s", model.name, exc)
+            warm_fast_paths(model, settings)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -54,17 +54,7 @@ async def explain(
     if "image/png" in request.headers.get("accept", "") and "application/json" not in request.headers.get("accept", ""):
         return Response(result.heatmap.overlay_png, media_type="image/png",
                         headers={"X-Unbox-Target": str(result.target.index), "X-Unbox-Label": result.target.label})
-    return JSONResponse({
-        "model": result.model,
-        "method": result.method,
-        "layer": result.layer,
-        "target": vars(result.target),
-        "predictions": [vars(p) for p in result.predictions],
-        "heatmap": result.heatmap.as_json(),
-        "details": result.explanation.details,  # what ran: mode, channels, forward passes, precision
-        **({"metrics": result.metrics} if result.metrics is not None else {}),
-        "timing_ms": result.timing_ms,
-    })
+    return JSONResponse(result.as_json())
 
 
 @router.get("/v1/models", response_model=ModelsResponse, tags=["models"])

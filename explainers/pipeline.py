@@ -7,6 +7,7 @@ so explainers stay independent of how models are built and stored.
 from __future__ import annotations
 
 import base64
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -72,6 +73,23 @@ class ImageExplanation:
     explanation: Explanation
     timing_ms: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Any] | None = None  # deletion/insertion AUCs + protocol, when asked for
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON answer of ``/v1/explain`` (also a CAM job's result)."""
+        body = {
+            "model": self.model,
+            "method": self.method,
+            "layer": self.layer,
+            "target": vars(self.target),
+            "predictions": [vars(p) for p in self.predictions],
+            "heatmap": self.heatmap.as_json(),
+            # what ran (mode, channels, forward passes, precision), as plain JSON values
+            "details": json.loads(json.dumps(self.explanation.details, default=str)),
+        }
+        if self.metrics is not None:
+            body["metrics"] = self.metrics
+        body["timing_ms"] = self.timing_ms
+        return body
 
 
 def top_predictions(logits: torch.Tensor, labels: tuple[str, ...], k: int) -> list[Prediction]:

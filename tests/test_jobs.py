@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.etree import ElementTree
 
 import httpx
 import pytest
@@ -326,6 +327,54 @@ def _worker_of(stack: Stack, job_id: str) -> subprocess.Popen:
     name = Job.fetch(job_id, connection=stack.redis(), serializer=JSONSerializer).worker_name
     pid = int(name.rsplit("-", 1)[1])
     return next(worker for worker in stack.workers if worker.pid == pid)
+
+
+def test_igos_pp_job_runs_through_the_queue(stack: Stack, small_cat: bytes) -> None:
+    """I-GOS++ end to end: a mask, its pictures, deletion/insertion scores and the params used."""
+    params = {"mask_size": 7, "iterations": 2, "steps": 2, "metric_steps": 5}
+    with httpx.Client(base_url=stack.url, timeout=30) as client:
+        job_id = submitted(client, small_cat, "igos++", model="tiny", params=json.dumps(params))
+        view = wait_for(client, job_id, TERMINAL, timeout=120)
+        assert view["status"] == "succeeded", view
+        result = view["result"]
+        assert result["method"] == "igos++" and len(result["mask"]["grid"]) == 7
+        assert 0 <= result["metrics"]["deletion_auc"] <= 1 and 0 <= result["metrics"]["insertion_auc"] <= 1
+        assert len(result["metrics"]["curves"]["deletion"]) == 6
+        assert result["params"]["iterations"] == 2 and result["params"]["steps"] == 2
+        picture = client.get(f"/v1/jobs/{job_id}/result.png")
+        assert picture.content == base64.b64decode(result["heatmap"]["overlay_png"])
+
+
+def test_igos_cpu_preset_reaches_the_worker_and_cancel_stops_it(stack: Stack, small_cat: bytes) -> None:
+    """Only the fields a client set travel, so the preset fills the rest (8 iterations, not the
+    reference's 15); a cancel stops the optimisation between iterations."""
+    with httpx.Client(base_url=stack.url, timeout=30) as client:
+        job_id = submitted(client, small_cat, "igos", params=json.dumps({"preset": "cpu"}))
+        view = wait_for(client, job_id, {"running", *TERMINAL}, timeout=120)
+        deadline = time.monotonic() + 120
+        while not (view.get("stage") or "").startswith("iteration") and view["status"] == "running":
+            assert time.monotonic() < deadline, view
+            time.sleep(0.05)
+            view = client.get(f"/v1/jobs/{job_id}").json()
+        assert view["stage"].endswith("/8"), view
+        assert client.delete(f"/v1/jobs/{job_id}").status_code == 202
+        assert wait_for(client, job_id, TERMINAL, timeout=120)["status"] == "canceled"
+
+
+def test_sag_job_runs_through_the_queue_with_its_svg(stack: Stack, small_cat: bytes) -> None:
+    params = {"grid": 3, "ordering": "gradcam", "max_nodes": 20, "baseline": "blur"}
+    with httpx.Client(base_url=stack.url, timeout=30) as client:
+        job_id = submitted(client, small_cat, "sag", model="tiny", params=json.dumps(params))
+        view = wait_for(client, job_id, TERMINAL, timeout=120)
+        assert view["status"] == "succeeded", view
+        result = view["result"]
+        svg = ElementTree.fromstring(result["svg"])
+        assert svg.tag.endswith("svg")
+        assert result["params"]["grid"] == 3 and result["params"]["baseline"] == "blur"
+        keys = [frozenset(node["patches"]) for node in result["nodes"]]
+        assert len(keys) == len(set(keys))
+        picture = client.get(f"/v1/jobs/{job_id}/result.png")
+        assert picture.content == base64.b64decode(result["picture_png"])
 
 
 def test_redis_outage_gives_503_then_recovers(stack: Stack, small_cat: bytes) -> None:

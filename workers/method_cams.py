@@ -8,7 +8,6 @@ queue is where its cost is affordable; ``channels`` picks the fast mode.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,10 +33,6 @@ class ScoreCamParams(CamParams):
                                  "(fast mode); default all channels (exact)")
 
 
-def _jsonable(details: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(details, default=str))
-
-
 def _runner(method: str):
     def run(model: Any, image: Any, target: int | None, params: CamParams,
             report: ProgressReporter) -> dict[str, Any]:
@@ -48,17 +43,7 @@ def _runner(method: str):
         report(0.05, method)
         result = explain_image(model, image, method, target, params.layer, params.top_k, settings.overlay_max_side,
                                options, settings.fast_path())
-        return {
-            "model": result.model,
-            "method": result.method,
-            "layer": result.layer,
-            "target": vars(result.target),
-            "predictions": [vars(p) for p in result.predictions],
-            "heatmap": result.heatmap.as_json(),
-            "details": _jsonable(result.explanation.details),
-            "params": params.model_dump(),
-            "timing_ms": result.timing_ms,
-        }
+        return {**result.as_json(), "params": params.model_dump()}
 
     return run
 

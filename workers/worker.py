@@ -30,6 +30,7 @@ from workers.jobqueue import connect, heartbeat_ttl, job_queue, job_view, reap_a
 from workers.methods import load_builtin_methods
 from workers.runtime import WorkerRuntime, use_runtime
 from workers.settings import CoreSettings, SettingsError
+from workers.warmup import warm_fast_paths
 from workers.webhooks import WebhookSender, event_for, schedule
 
 logger = logging.getLogger("unbox.worker")
@@ -125,27 +126,6 @@ class UnboxWorker(SimpleWorker):
             logger.exception("could not schedule the webhook of job %s", job.id)
 
 
-def _warm_fast_paths(model: Any, settings: CoreSettings) -> None:
-    """On CUDA with compiled / graphed runners on: build them now, so no job pays for it
-    (the same warm-up as the API's; a no-op on the CPU)."""
-    fast = settings.fast_path()
-    if not settings.fast_warmup or not fast.wants_runner(model.device) or model.default_layer is None:
-        return
-    from explainers.pipeline import SYNC_METHODS, make_explainer
-
-    started = time.perf_counter()
-    try:
-        size = model.spec.input_size
-        noise = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(model.device)
-        make_explainer("gradcam", model, None, fastpath=fast).explain(noise)
-        if "scorecam" in SYNC_METHODS:
-            options = {"channels": settings.scorecam_channels or None, "memory_budget_mb": settings.scorecam_memory_mb}
-            make_explainer("scorecam", model, None, options, fast).explain(noise)
-        logger.info("model %s fast paths warmed in %.1f s", model.name, time.perf_counter() - started)
-    except Exception as exc:
-        logger.warning("model %s fast-path warm-up failed (jobs run eagerly): %s", model.name, exc)
-
-
 def _wait_for_redis(connection: redis.Redis, url: str) -> None:
     delay = 0.5
     while True:
@@ -174,7 +154,7 @@ def run_worker(settings: CoreSettings, burst: bool = False) -> int:
     registry = ModelRegistry(load_catalog(settings.catalog), settings.resolved_device())
     for name in settings.models:
         started = time.perf_counter()
-        _warm_fast_paths(registry.get(name), settings)
+        warm_fast_paths(registry.get(name), settings)
         logger.info("model %s warm on %s in %.1f s", name, registry.device, time.perf_counter() - started)
     connection = connect(settings.redis_url, settings.redis_timeout_s)
     _wait_for_redis(connection, settings.redis_url)
