@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 
@@ -41,6 +43,10 @@ class ExplainResponse(BaseModel):
     target: PredictionOut
     predictions: list[PredictionOut]
     heatmap: HeatmapOut
+    details: dict[str, Any] = Field(default_factory=dict, description="what ran: precision; for Score-CAM "
+                                    "mode (exact | fast), channels, constant_channels, forward_passes, batch_size")
+    metrics: dict[str, Any] | None = Field(None, description="with metrics=true: deletion_auc, insertion_auc, "
+                                           "their curves and the protocol (baseline, steps, score)")
     timing_ms: dict[str, float]
 
 

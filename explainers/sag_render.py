@@ -132,7 +132,7 @@ def render_svg(result: SAGResult, image: Image.Image, box: tuple[float, float, f
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
            f'width="{width:.0f}" height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}" '
            f'font-family="sans-serif" class="sag">',
-           f'<rect width="100%" height="100%" fill="#ffffff"/>',
+           '<rect width="100%" height="100%" fill="#ffffff"/>',
            f'<text x="{margin}" y="{margin + 14}" font-size="14" font-weight="bold">{_escape(title)}</text>',
            f'<text x="{margin}" y="{margin + 32}" font-size="11" fill="#555">{_escape(subtitle)}</text>',
            '<g class="edges">']
