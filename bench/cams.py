@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.common import machine_info
 from explainers.cam import GradCAM, ScoreCAM
 from explainers.fastpath import EXACT, FastPath
 
@@ -164,23 +162,8 @@ def machine(device: torch.device) -> dict[str, str]:
     import pytorch_grad_cam
     import torchvision
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": (f"{platform.system()} {platform.machine()}, {cpu}, {torch.get_num_threads()} threads, "
-                    f"load average {os.getloadavg()[0]:.1f} at start"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": (f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
-                     f"grad-cam {getattr(pytorch_grad_cam, '__version__', '1.5.x')}, python {platform.python_version()}"),
-    }
-    return info
+    return machine_info(device, f"torchvision {torchvision.__version__}, "
+                                f"grad-cam {getattr(pytorch_grad_cam, '__version__', '1.5.x')}")
 
 
 def fmt(value: float | None, digits: int = 1) -> str:

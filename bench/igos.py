@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from bench.common import cpu_name
 from explainers.baselines import make_baseline
 from explainers.cam import GradCAM
 from explainers.igos import IGOSConfig, make_igos
@@ -53,16 +54,6 @@ class Row:
 
     def mean(self, values: list[float]) -> float | None:
         return statistics.fmean(values) if values else None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load_images(names: list[str]):

@@ -21,18 +21,17 @@ search's per-step score copy already syncs).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from bench.common import machine_info
 from explainers.sag import SAG, SAGConfig, SAGResult
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -106,26 +105,7 @@ def busy() -> bool:
 
 
 def machine(device: torch.device) -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import os
-
-        load = " (load average %.1f when it started)" % os.getloadavg()[0]
-    except OSError:
-        load = ""
-    return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.system()} {platform.machine()}, {cpu}, {torch.get_num_threads()} threads{load}",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": f"torch {torch.__version__}, numpy {np.__version__}, python {platform.python_version()}",
-    }
+    return machine_info(device, f"numpy {np.__version__}")
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
