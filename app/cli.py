@@ -39,16 +39,12 @@ def _run_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _stop_child(process: subprocess.Popen, name: str, grace_s: float) -> None:
-    """SIGTERM (a worker finishes its job first), then SIGKILL after ``grace_s``."""
-    if process.poll() is not None:
-        return
-    print(f"stopping {name} (pid {process.pid})", flush=True)
-    process.terminate()
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    """Announce, then stop ``process`` (SIGTERM, SIGKILL after ``grace_s``)."""
+    from workers.processes import terminate
+
+    if process.poll() is None:
+        print(f"stopping {name} (pid {process.pid})", flush=True)
+        terminate(process, grace_s)
 
 
 def _serve(settings: Settings) -> int:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import redis
 
+from workers.processes import terminate
+
 
 class EmbeddedRedisError(RuntimeError):
     """The embedded Redis could not be started."""
@@ -84,13 +86,8 @@ class EmbeddedRedis:
     def stop(self, timeout: float = 10.0, remove_data: bool = False) -> None:
         """Stop the server (SIGTERM, then SIGKILL); ``remove_data`` also deletes its directory."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            terminate(process, timeout)
         if remove_data and self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
