@@ -22,7 +22,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m bench.gradcam
+	$(PY) -m bench.cams
+	$(PY) -m bench.http
+	$(PY) -m bench.queue
+	$(PY) -m bench.igos
+	$(PY) -m bench.sag
 
 clean:
 	rm -rf $(VENV) build *.egg-info test-artifacts

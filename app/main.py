@@ -7,7 +7,6 @@ import threading
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-import torch
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
@@ -52,8 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     unknown = [name for name in settings.models if name not in specs]
     if unknown:
         raise SettingsError(f"UNBOX_MODELS names unknown models {unknown}; known: {sorted(specs)}")
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    settings.apply_to_torch()
     registry = ModelRegistry(specs, settings.resolved_device())
     metrics = Metrics()
 

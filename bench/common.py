@@ -33,3 +33,14 @@ def machine_info(device: torch.device, versions: str) -> dict[str, str]:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": f"torch {torch.__version__}, {versions}, python {platform.python_version()}",
     }
+
+
+def add_cudnn_flag(parser) -> None:
+    """``--no-cudnn-benchmark``: the service times cuDNN kernels per shape by default
+    (``UNBOX_CUDNN_BENCHMARK``); benchmarks follow it unless told otherwise."""
+    parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+                        help="fixed cuDNN kernels instead of the service default (timed per shape)")
+
+
+def apply_cudnn_flag(args) -> None:
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark

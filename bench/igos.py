@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from bench.common import cpu_name
+from bench.common import add_cudnn_flag, apply_cudnn_flag, cpu_name
 from explainers.baselines import make_baseline
 from explainers.cam import GradCAM
 from explainers.igos import IGOSConfig, make_igos
@@ -86,6 +87,29 @@ def pytorch_grad_cam_map(module, layer: str, inputs: torch.Tensor, target: int) 
     return torch.from_numpy(grayscale).to(inputs.device)
 
 
+def speed_only(name: str, images: dict, preprocessor, device: torch.device, repeats: int) -> list[float]:
+    """Seconds per image of I-GOS++ at the reference settings on a torchvision model with
+    random weights (the work per iteration does not depend on the weights; the line search's
+    trial count does a little)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    module = torchvision.models.get_model(name, weights=None, num_classes=1000)
+    module = module.eval().requires_grad_(False).to(device)
+    explainer = make_igos("igos++", module, IGOSConfig.for_method("igos++"))
+    seconds = []
+    for index, image in enumerate(images.values()):
+        inputs, _ = preprocessor.to_input(image)
+        inputs = inputs.to(device)
+        target = int(module(inputs)[0].argmax())
+        if index == 0:
+            timed(lambda: explainer.explain(inputs, target), device)  # warm-up
+        runs = [timed(lambda: explainer.explain(inputs, target), device)[1] for _ in range(max(1, repeats))]
+        seconds.append(statistics.median(runs))
+        print(f"{name:10s} igos++ (reference settings) {seconds[-1]:.2f} s", flush=True)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", nargs="+", default=list(IMAGES), choices=IMAGES)
@@ -95,7 +119,12 @@ def main() -> None:
     parser.add_argument("--no-reference-settings", action="store_true", help="skip the (slow on CPU) reference settings")
     parser.add_argument("--quick", action="store_true", help="one photo, CPU preset only, 10 metric steps")
     parser.add_argument("--no-docs", action="store_true", help="do not append to docs/benchmarks.md")
+    parser.add_argument("--speed-models", nargs="*", default=[], choices=["convnext_tiny", "resnet50"],
+                        help="also time I-GOS++ at the reference settings on these torchvision models "
+                             "(random weights: timing only, no faithfulness)")
+    add_cudnn_flag(parser)
     args = parser.parse_args()
+    apply_cudnn_flag(args)
     if args.quick:
         args.images, args.metric_steps, args.no_reference_settings = args.images[:1], 10, True
 
@@ -167,6 +196,10 @@ def main() -> None:
             ratios.append(f"{ours}: {low / rows[ours].mean(rows[ours].seconds):.2f}-"
                           f"{high / rows[ours].mean(rows[ours].seconds):.2f}x the reference's speed "
                           f"(reference on an H200, ours on {device.type})")
+    for speed_model in args.speed_models:
+        seconds = speed_only(speed_model, images, model.preprocessor, device, args.repeats)
+        lines.append(f"| igos++ (reference settings) on {speed_model}, random weights (speed only) | - | - | "
+                     f"{statistics.fmean(seconds):.2f} | 6.5 s on H200 (ConvNeXt-Tiny) |")
     table = "\n".join(lines)
     print()
     print(table)
@@ -179,7 +212,10 @@ def main() -> None:
         f"\n## I-GOS / I-GOS++ faithfulness and speed — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n",
         f"- machine: {platform.node()} ({platform.platform()}), CPU: {cpu_name()}, "
         f"{torch.get_num_threads()} torch threads, GPU: {gpu}, torch {torch.__version__}",
-        f"- model efficientnet_lite0 on {device.type}; images: {', '.join(args.images)}; target: top-1",
+        f"- command: `python -m bench.igos {' '.join(sys.argv[1:])}`",
+        f"- model efficientnet_lite0 on {device.type}"
+        + (f" (cuDNN kernels timed per shape: {args.cudnn_benchmark}, channels-last bf16 copy)"
+           if device.type == "cuda" else "") + f"; images: {', '.join(args.images)}; target: top-1",
         f"- protocol: blurred baseline (kernel 51, sigma 50 at 224), softmax probability, "
         f"{args.metric_steps} steps, stable sort, trapezoidal AUC; timings: median of {args.repeats} run(s)"
         + (" (quick run: not representative)" if args.quick else ""),

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from explainers.batching import images_per_forward
 from explainers.capture import LayerCapture
 from explainers.fastpath import (EXACT, FastPath, batch_size_for_budget, channels_last, gradcam_graph,
                                  inference, logits_runner, module_device)
@@ -138,7 +139,7 @@ class CAM(ActivationCAM):
 
 
 RANKINGS = ("taylor", "activation", "variance")
-CPU_MAX_BATCH, GPU_MAX_BATCH = 16, 512
+GPU_MAX_BATCH = 512  # Score-CAM's cap on CUDA; the memory budget usually decides first
 
 
 class ScoreCAM(ActivationCAM):
@@ -193,7 +194,7 @@ class ScoreCAM(ActivationCAM):
         self.ranking = ranking
         # CPU throughput peaks at small batches (cache-resident activations; efficientnet_lite0
         # at 224 px, one core: 47 ms/image at 16, 58 at 32, 122 at 128), a GPU wants big ones.
-        self.max_batch = max_batch or (CPU_MAX_BATCH if self.device.type == "cpu" else GPU_MAX_BATCH)
+        self.max_batch = max_batch or (GPU_MAX_BATCH if self.device.type == "cuda" else images_per_forward(self.device))
         self.needs_gradient = channels is not None and ranking == "taylor"  # type: ignore[misc]
 
     def _batch_size(self, inputs: torch.Tensor) -> int:

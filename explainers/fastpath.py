@@ -173,6 +173,18 @@ def private_copy(module: nn.Module, memory_channels_last: bool) -> nn.Module:
         return twin
 
 
+def network_for(module: nn.Module, device: torch.device) -> nn.Module:
+    """The network batched explainers run on ``device``: on CUDA the channels-last private copy
+    (cuDNN's fast NHWC kernels, free of request hooks), elsewhere ``module`` itself. A model
+    that cannot be copied runs as it is."""
+    if device.type != "cuda":
+        return module
+    try:
+        return private_copy(module, True)
+    except Exception:  # e.g. a TorchScript module deepcopy refuses
+        return module
+
+
 def _cached(module: nn.Module, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
     with _cache_lock:
         table = _runners.setdefault(module, {})

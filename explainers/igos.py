@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from explainers.baselines import BaselineKind, make_baseline
+from explainers.batching import images_per_forward
 from explainers.errors import ExplainError
+from explainers.fastpath import network_for
 from explainers.result import Explanation, normalize_maps, resolve_targets
 
 ProgressCallback = Callable[[int, int], None]
@@ -74,7 +76,7 @@ class IGOSConfig:
     trials_per_batch: int | None = None  # None: 4 on CUDA, 1 on CPU (compute is linear there)
     line_search_objective: Literal["integrated", "endpoint"] = "integrated"
     warm_start: bool = False  # start backtracking at the last accepted step / backtrack
-    max_batch: int | None = None  # images per forward; None: 256 on CUDA, 32 on CPU
+    max_batch: int | None = None  # images per forward; None: the device's default (explainers.batching)
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     seed: int = 0
 
@@ -136,6 +138,11 @@ class _MaskSearch:
 
     method: ClassVar[str] = "igos"
     num_masks: ClassVar[int] = 1
+    # weight of the integrated terms in the objective the line search tests, relative to the
+    # weights in ``_terms`` (which shape the descent direction)
+    search_term_scale: ClassVar[float] = 1.0
+    # factor on the TV terms (the I-GOS++ paper's bilateral TV averages its two parts)
+    tv_scale: ClassVar[float] = 1.0
 
     def __init__(self, model: nn.Module, config: IGOSConfig | None = None) -> None:
         self.model = model
@@ -149,7 +156,7 @@ class _MaskSearch:
     # -- helpers ---------------------------------------------------------------------------
     def _settings(self, device: torch.device) -> tuple[int, int, torch.dtype | None]:
         cuda = device.type == "cuda"
-        max_batch = self.config.max_batch or (256 if cuda else 32)
+        max_batch = images_per_forward(device, self.config.max_batch)
         trials = self.config.trials_per_batch or (4 if cuda else 1)
         precision = self.config.precision
         dtype = None
@@ -162,8 +169,11 @@ class _MaskSearch:
     def _probabilities(self, images: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         """Softmax probability of each image's target (float32)."""
         precision = nullcontext() if dtype is None else torch.autocast(device_type=images.device.type, dtype=dtype)
+        network = network_for(self.model, images.device)
+        if network is not self.model:
+            images = images.contiguous(memory_format=torch.channels_last)
         with precision:
-            logits = self.model(images)
+            logits = network(images)
         return logits.float().softmax(dim=1).gather(1, targets[:, None])[:, 0]
 
     def _upsample(self, masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -185,10 +195,11 @@ class _MaskSearch:
         product = masks[0]
         for mask in masks[1:]:
             product = product * mask
-        value = self.config.l1 * (1 - product).abs().flatten(1).mean(1) + self.config.tv * _tv(product)
+        tv = self.config.tv * self.tv_scale
+        value = self.config.l1 * (1 - product).abs().flatten(1).mean(1) + tv * _tv(product)
         if weights is not None:
             up = self._upsample(product, tuple(inputs.shape[-2:]))
-            value = value + self.config.tv * _bilateral_tv(up, weights)
+            value = value + tv * _bilateral_tv(up, weights)
         return value
 
     def _path_scores(self, term_masks: torch.Tensor, inputs: torch.Tensor, base: torch.Tensor,
@@ -285,7 +296,7 @@ class _MaskSearch:
                 values, grad_terms = self._path_scores(term_masks.detach()[None], inputs, base, target_idx, times,
                                                        noise, dtype, max_batch, grad_of=term_masks.detach()[None])
                 regular = self._regulariser(leaves, inputs, edge)
-                objective = values[0] + regular
+                objective = self.search_term_scale * values[0] + regular
                 surrogate = (term_masks * grad_terms[0]).sum() + regular.sum()
                 grads = torch.autograd.grad(surrogate, leaves)
             counts["forward_backward"] += terms * cfg.steps * batch
@@ -350,7 +361,7 @@ class _MaskSearch:
             if not integrated:  # F(M) under the endpoint objective needs its own forward
                 current = self._term_masks(point, size)[None]
                 values, _ = self._path_scores(current, inputs, base, targets, path_times, None, dtype, max_batch)
-                reference = values[0] + self._regulariser(point, inputs, edge)
+                reference = self.search_term_scale * values[0] + self._regulariser(point, inputs, edge)
                 used += len(self._terms()) * batch
             active = torch.arange(batch, device=inputs.device)
             for start in range(0, len(trials), per_batch):
@@ -369,7 +380,7 @@ class _MaskSearch:
                 # projected Armijo: the decrease promised by the step actually taken after clamping
                 promised = torch.stack([sum(((p - q) * g).flatten(1).sum(1) for p, q, g in zip(sub_point, c, sub_grads))
                                         for c in candidates])
-                accepted = (values + regular) <= pick(reference) - cfg.armijo * promised
+                accepted = (self.search_term_scale * values + regular) <= pick(reference) - cfg.armijo * promised
                 first = torch.where(accepted.any(0), accepted.float().argmax(0), -1)
                 take = first >= 0
                 chosen[active] = torch.where(take, steps[first.clamp_min(0)], chosen[active])
@@ -402,6 +413,12 @@ class IGOSPlusPlus(_MaskSearch):
 
     def _mask_names(self) -> list[str]:
         return ["deletion", "insertion"]
+
+    # The reference's balance (iGOS++ paper, CHIL 2021): the descent direction halves the summed
+    # gradient of the four terms, while the step is judged on their unhalved sum; its bilateral
+    # TV is the mean of the mask-resolution and image-resolution parts.
+    search_term_scale = 2.0
+    tv_scale = 0.5
 
 
 EXPLAINERS: dict[str, type[_MaskSearch]] = {"igos": IGOS, "igos++": IGOSPlusPlus}

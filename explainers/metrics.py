@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from explainers.baselines import BaselineKind, make_baseline
+from explainers.batching import images_per_forward
 
 DEFAULT_STEPS = 50
 
@@ -92,7 +93,7 @@ def _counts(pixels: int, steps: int, device: torch.device) -> torch.Tensor:
 @torch.no_grad()
 def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.Tensor, targets: torch.Tensor,
                        steps: int = DEFAULT_STEPS, baseline: torch.Tensor | BaselineKind = "blur",
-                       max_batch: int = 64, baseline_description: dict[str, Any] | None = None) -> Faithfulness:
+                       max_batch: int | None = None, baseline_description: dict[str, Any] | None = None) -> Faithfulness:
     """Deletion and insertion curves of ``saliency`` (``B x h x w``, high = important).
 
     ``inputs`` is the normalised batch the model takes, ``targets`` one class per image,
@@ -112,7 +113,7 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.T
     targets = torch.as_tensor(targets, device=inputs.device).reshape(-1).expand(batch)
     points = steps + 1
     # Work list: (curve kind, step) pairs; each pair yields one image per batch element.
-    per_chunk = max(1, max_batch // batch)
+    per_chunk = max(1, images_per_forward(inputs.device, max_batch) // batch)
     scores = []
     for start in range(0, 2 * points, per_chunk):
         entries = torch.arange(start, min(start + per_chunk, 2 * points), device=inputs.device)

@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from explainers.batching import images_per_forward
 from explainers.errors import ExplainError
+from explainers.fastpath import network_for
 from explainers.result import resolve_targets
 
 Progress = Callable[[float, str], None]
@@ -65,7 +67,7 @@ class SAGConfig:
     max_nodes: int = 100
     baseline: Literal["black", "blur"] = "black"
     ordering: Ordering = "auto"
-    max_batch: int = 64
+    max_batch: int | None = None  # images per forward; None: the device's default
     reduced_precision: bool = True
 
 
@@ -248,7 +250,7 @@ class SAG:
         if not 0 < cfg.threshold <= 1 or not 0 <= cfg.graph_threshold <= 1:
             raise ExplainError("invalid_parameter", "thresholds must lie in (0, 1]")
         if min(cfg.beam_width, cfg.successors, cfg.max_root_size, cfg.max_roots, cfg.graph_roots,
-               cfg.max_nodes, cfg.max_batch) < 1 or cfg.overlap_limit < 0:
+               cfg.max_nodes, cfg.max_batch or 1) < 1 or cfg.overlap_limit < 0:
             raise ExplainError("invalid_parameter", "counts and sizes must be positive")
 
     # -- entry point -----------------------------------------------------------------------
@@ -273,8 +275,8 @@ class SAG:
         mean = torch.tensor(self.mean, device=inputs.device)
         std = torch.tensor(self.std, device=inputs.device)
         baseline = make_baseline(cfg.baseline, inputs, mean, std)
-        scorer = PatchScorer(self._scoring_model(inputs.device), inputs, baseline, target_index, cfg.grid,
-                             cfg.max_batch)
+        scorer = PatchScorer(network_for(self.model, inputs.device), inputs, baseline, target_index, cfg.grid,
+                             images_per_forward(inputs.device, cfg.max_batch))
         precision, probes = self._choose_precision(scorer, full_score)
         timings["setup"] = time.perf_counter() - started
 
@@ -322,18 +324,6 @@ class SAG:
         )
 
     # -- pieces ----------------------------------------------------------------------------
-    def _scoring_model(self, device: torch.device) -> nn.Module:
-        """On CUDA a channels-last private copy of the model (shared with the other fast
-        paths, free of request hooks); elsewhere the model itself (inputs go channels-last)."""
-        if device.type != "cuda":
-            return self.model
-        try:
-            from explainers.fastpath import private_copy
-
-            return private_copy(self.model, True)
-        except Exception:  # a model that cannot be copied is scored as it is
-            return self.model
-
     def _choose_precision(self, scorer: PatchScorer, full_score: float) -> tuple[str, int]:
         """Half precision on CUDA when it reproduces the full-image score within 1 % (one
         probe forward); float32 elsewhere. Returns the precision and the probe images."""

@@ -9,7 +9,7 @@ from torch import nn
 from explainers.baselines import BlurSpec, gaussian_blur, make_baseline
 from explainers.cam import GradCAM
 from explainers.errors import ExplainError
-from explainers.igos import IGOS, IGOSConfig, IGOSPlusPlus, make_igos
+from explainers.igos import IGOS, IGOSConfig, IGOSPlusPlus, edge_weights, make_igos
 from explainers.metrics import deletion_insertion
 from tests.conftest import ESPRESSO, left_right_mass
 
@@ -125,6 +125,35 @@ def test_reference_defaults():
     assert (pp.step_size, pp.backtrack, pp.armijo, pp.noise) == (1000.0, 0.2, 1e-4, 0.2)
     cpu = IGOSConfig.cpu_preset("igos++")
     assert cpu.iterations * cpu.steps < pp.iterations * pp.steps and cpu.bilateral_tv
+
+
+def test_chunk_size_does_not_change_the_result():
+    model, inputs, baseline = _tiny_case()
+    short = {**TINY, "iterations": 3}
+    whole = IGOSPlusPlus(model, IGOSConfig.for_method("igos++", **short)).explain(inputs, 0, baseline=baseline)
+    chunked = IGOSPlusPlus(model, IGOSConfig.for_method("igos++", **{**short, "max_batch": 3})).explain(
+        inputs, 0, baseline=baseline)
+    assert torch.allclose(whole.details["mask"], chunked.details["mask"], atol=1e-5)
+
+
+def test_igos_pp_regulariser_is_the_papers_bilateral_tv():
+    """L1 * mean|1 - M| + TV * (TV(M) + BTV(up(M))) / 2 on the product mask, where a flat image
+    makes every bilateral weight 1 (the mean of the two TV parts, as the I-GOS++ paper has it)."""
+    config = IGOSConfig.for_method("igos++", mask_size=4, l1=0.5, tv=3.0)
+    search = IGOSPlusPlus(torch.nn.Identity(), config)
+    deletion = torch.ones(1, 1, 4, 4)
+    deletion[..., :, :2] = 0.25
+    insertion = torch.full((1, 1, 4, 4), 0.8)
+    image = torch.zeros(1, 3, 8, 8)
+    value = search._regulariser([deletion, insertion], image, edge_weights(image, config.bilateral_sigma))
+    product = deletion * insertion
+    up = torch.nn.functional.interpolate(product, size=(8, 8), mode="bilinear", align_corners=False)
+
+    def tv(m):
+        return (m[..., 1:, :] - m[..., :-1, :]).pow(2).mean() + (m[..., :, 1:] - m[..., :, :-1]).pow(2).mean()
+
+    expected = 0.5 * (1 - product).abs().mean() + 3.0 * 0.5 * (tv(product) + tv(up))
+    assert torch.allclose(value, expected[None], atol=1e-6)
 
 
 # -- the real model on the sample photos --------------------------------------------------------

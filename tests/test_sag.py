@@ -130,7 +130,7 @@ def test_toy_graph_is_a_dag_with_shared_nodes():
 
 
 def test_toy_forwards_are_batched_and_cached():
-    net, sag = toy_sag(successors=15)
+    net, sag = toy_sag(successors=15, max_batch=64)  # the CPU default (8) would split the steps
     result = sag.explain(toy_image())
     forward = result.details["forward"]
     assert len(net.batches) == forward["scorer_batches"] + 1  # + the full image

@@ -25,6 +25,23 @@ def test_settings_from_environment(monkeypatch):
     assert settings.models == ["efficientnet_lite0", "other"] and settings.port == 9001
 
 
+def test_torch_switches_follow_the_settings(monkeypatch):
+    import torch
+
+    before = (torch.get_num_threads(), torch.backends.cudnn.benchmark)
+    try:
+        monkeypatch.setenv("UNBOX_TORCH_THREADS", "1")
+        monkeypatch.setenv("UNBOX_CUDNN_BENCHMARK", "false")
+        load_settings().apply_to_torch()
+        assert (torch.get_num_threads(), torch.backends.cudnn.benchmark) == (1, False)
+        monkeypatch.setenv("UNBOX_CUDNN_BENCHMARK", "true")
+        load_settings().apply_to_torch()
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.set_num_threads(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+
+
 @pytest.mark.parametrize("name,value", [("UNBOX_PORT", "not-a-port"), ("UNBOX_DEVICE", "gpu"),
                                         ("UNBOX_MAX_UPLOAD_BYTES", "-5"), ("UNBOX_CATALOG", "/no/such.toml")])
 def test_invalid_settings_are_named(monkeypatch, name, value):

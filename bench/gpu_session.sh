@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every GPU figure the issues ask for, in one call on a lent GPU machine (see docs/benchmarks.md).
+#
+#   bash bench/gpu_session.sh            # full: I-GOS/I-GOS++, SAG, Grad-CAM/Score-CAM
+#   QUICK=1 bash bench/gpu_session.sh    # smoke run of the same steps (also works on a CPU)
+#   STEPS="igos cams" bash bench/gpu_session.sh   # some of the steps (igos, igos_fixed, profile, sag, cams)
+#
+# Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site).
+# Each benchmark runs under its own time limit so that one hang cannot eat the others; logs
+# and the updated docs/benchmarks.md land in $OUT.
+set -u
+OUT=${OUT:-/tmp/unbox-gpu}
+mkdir -p "$OUT"
+if [ -z "${NO_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+quick=()
+[ -n "${QUICK:-}" ] && quick=(--quick)
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2>/dev/null
+    $PY -c "import torch, torchvision, timm; print(torch.__version__, torchvision.__version__, timm.__version__, \
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+} 2>&1 | tee "$OUT/env.log"
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, show its end
+    local name=$1 limit=$2
+    shift 2
+    local started=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "== $name: rc=$? in $((SECONDS - started)) s"
+    tail -n "${TAIL:-22}" "$OUT/$name.log"
+}
+
+for name in ${STEPS:-igos sag cams}; do
+    case $name in
+        igos) step igos "${IGOS_LIMIT:-200}" $PY -m bench.igos --repeats 3 --speed-models convnext_tiny "${quick[@]}" ;;
+        igos_fixed) step igos_fixed "${IGOS_LIMIT:-200}" $PY -m bench.igos --repeats 3 --speed-models convnext_tiny \
+            --no-cudnn-benchmark --images chelsea coffee --no-docs "${quick[@]}" ;;
+        profile) step profile 120 $PY -m bench.profile_igos ;;
+        sag) step sag "${SAG_LIMIT:-120}" $PY -m bench.sag --repeats 3 "${quick[@]}" ;;
+        cams) step cams "${CAMS_LIMIT:-200}" $PY -m bench.cams "${quick[@]}" ;;
+        *) echo "unknown step $name" ;;
+    esac
+done
+cp docs/benchmarks.md "$OUT/benchmarks.md"
