@@ -18,7 +18,7 @@ from torch import nn
 from explainers.batching import images_per_forward
 from explainers.capture import LayerCapture
 from explainers.fastpath import (EXACT, FastPath, batch_size_for_budget, channels_last, gradcam_graph,
-                                 inference, logits_runner, module_device)
+                                 inference, logits_runner, module_device, network_for)
 from explainers.errors import ExplainError
 from explainers.result import Explanation, normalize_maps, resolve_targets
 
@@ -192,9 +192,10 @@ class ScoreCAM(ActivationCAM):
         self.batch_size = batch_size
         self.memory_budget_mb = memory_budget_mb
         self.ranking = ranking
-        # CPU throughput peaks at small batches (cache-resident activations; efficientnet_lite0
-        # at 224 px, one core: 47 ms/image at 16, 58 at 32, 122 at 128), a GPU wants big ones.
-        self.max_batch = max_batch or (GPU_MAX_BATCH if self.device.type == "cuda" else images_per_forward(self.device))
+        # CPU throughput peaks at small batches (cache-resident activations, explainers.batching);
+        # a GPU wants big ones
+        cuda = self.device.type == "cuda"
+        self.max_batch = max_batch or (GPU_MAX_BATCH if cuda else images_per_forward(self.device))
         self.needs_gradient = channels is not None and ranking == "taylor"  # type: ignore[misc]
 
     def _batch_size(self, inputs: torch.Tensor) -> int:
@@ -277,6 +278,7 @@ class ScoreCAM(ActivationCAM):
         runner = logits_runner(self.model, (batch, *masked.shape[1:]), self.fastpath)
         if runner is not None:
             return runner.target_scores(masked, target)
+        network = network_for(self.model, masked)
         with inference(self.device, self.fastpath):
-            logits = self.model(masked)
+            logits = network(masked)
         return logits.float().index_select(1, target.reshape(1)).reshape(-1)

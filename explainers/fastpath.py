@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from explainers.capture import LayerCapture
+from explainers.lean import lean_network
 
 logger = logging.getLogger("unbox.fastpath")
 
@@ -173,12 +174,15 @@ def private_copy(module: nn.Module, memory_channels_last: bool) -> nn.Module:
         return twin
 
 
-def network_for(module: nn.Module, device: torch.device) -> nn.Module:
-    """The network batched explainers run on ``device``: on CUDA the channels-last private copy
-    (cuDNN's fast NHWC kernels, free of request hooks), elsewhere ``module`` itself. A model
-    that cannot be copied runs as it is."""
-    if device.type != "cuda":
-        return module
+def network_for(module: nn.Module, example: torch.Tensor, lean: bool = True) -> nn.Module:
+    """The network that batched explainers run on ``example``'s device. With ``lean`` (for
+    those that only score images: SAG's patch sets, Score-CAM's masked forwards, the metrics)
+    the copy with batch norm folded (:mod:`explainers.lean`, channels-last on CUDA); otherwise,
+    or when no lean copy can be made, the channels-last private copy on CUDA and ``module``
+    itself elsewhere. Feed it channels-last batches on CUDA."""
+    network = lean_network(module, example) if lean else module
+    if network is not module or example.device.type != "cuda":
+        return network
     try:
         return private_copy(module, True)
     except Exception:  # e.g. a TorchScript module deepcopy refuses

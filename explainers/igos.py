@@ -169,8 +169,10 @@ class _MaskSearch:
     def _probabilities(self, images: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         """Softmax probability of each image's target (float32)."""
         precision = nullcontext() if dtype is None else torch.autocast(device_type=images.device.type, dtype=dtype)
-        network = network_for(self.model, images.device)
-        if network is not self.model:
+        # not the lean copy: the search's accept / reject decisions amplify rounding differences,
+        # and results should reproduce on the network as loaded
+        network = network_for(self.model, images, lean=False)
+        if images.device.type == "cuda" and network is not self.model:
             images = images.contiguous(memory_format=torch.channels_last)
         with precision:
             logits = network(images)

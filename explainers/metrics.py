@@ -23,6 +23,7 @@ from torch import nn
 
 from explainers.baselines import BaselineKind, make_baseline
 from explainers.batching import images_per_forward
+from explainers.fastpath import network_for
 
 DEFAULT_STEPS = 50
 
@@ -114,6 +115,8 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.T
     points = steps + 1
     # Work list: (curve kind, step) pairs; each pair yields one image per batch element.
     per_chunk = max(1, images_per_forward(inputs.device, max_batch) // batch)
+    network = network_for(model, inputs)
+    layout = torch.channels_last if inputs.device.type == "cuda" else torch.contiguous_format
     scores = []
     for start in range(0, 2 * points, per_chunk):
         entries = torch.arange(start, min(start + per_chunk, 2 * points), device=inputs.device)
@@ -123,7 +126,7 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.T
         # deletion: baseline where changed; insertion: image where changed, baseline elsewhere
         use_base = torch.where(deleting, changed, ~changed)
         images = torch.where(use_base, base.unsqueeze(0), inputs.unsqueeze(0))
-        logits = model(images.flatten(0, 1)).float()
+        logits = network(images.flatten(0, 1).contiguous(memory_format=layout)).float()
         probabilities = logits.softmax(dim=1).gather(1, targets.repeat(len(entries))[:, None])
         scores.append(probabilities.view(len(entries), batch))
     curves = torch.cat(scores).view(2, points, batch).permute(0, 2, 1).cpu()

@@ -250,7 +250,7 @@ class SAG:
         if not 0 < cfg.threshold <= 1 or not 0 <= cfg.graph_threshold <= 1:
             raise ExplainError("invalid_parameter", "thresholds must lie in (0, 1]")
         if min(cfg.beam_width, cfg.successors, cfg.max_root_size, cfg.max_roots, cfg.graph_roots,
-               cfg.max_nodes, cfg.max_batch or 1) < 1 or cfg.overlap_limit < 0:
+               cfg.max_nodes, 1 if cfg.max_batch is None else cfg.max_batch) < 1 or cfg.overlap_limit < 0:
             raise ExplainError("invalid_parameter", "counts and sizes must be positive")
 
     # -- entry point -----------------------------------------------------------------------
@@ -275,7 +275,7 @@ class SAG:
         mean = torch.tensor(self.mean, device=inputs.device)
         std = torch.tensor(self.std, device=inputs.device)
         baseline = make_baseline(cfg.baseline, inputs, mean, std)
-        scorer = PatchScorer(network_for(self.model, inputs.device), inputs, baseline, target_index, cfg.grid,
+        scorer = PatchScorer(network_for(self.model, inputs), inputs, baseline, target_index, cfg.grid,
                              images_per_forward(inputs.device, cfg.max_batch))
         precision, probes = self._choose_precision(scorer, full_score)
         timings["setup"] = time.perf_counter() - started

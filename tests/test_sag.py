@@ -201,6 +201,8 @@ def test_invalid_config_is_an_explain_error():
     with pytest.raises(ExplainError):
         SAG(ToyNet(), SAGConfig(threshold=1.5))
     with pytest.raises(ExplainError):
+        SAG(ToyNet(), SAGConfig(max_batch=0))
+    with pytest.raises(ExplainError):
         toy_sag()[1].explain(torch.zeros(2, 3, 56, 56))
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from explainers.cam import GradCAM, ScoreCAM
-from explainers.fastpath import EXACT, FastPath, forward_bytes_per_sample
+from explainers.fastpath import EXACT, FastPath, forward_bytes_per_sample, network_for
 from tests.conftest import ESPRESSO, jpeg_bytes, left_right_mass
 from workers.settings import CoreSettings
 
@@ -108,12 +108,15 @@ def test_exact_mode_memory_stays_within_one_batch(resnet):
     per_sample = forward_bytes_per_sample(resnet.module, (3, side, side))
     budget_mb = 8 * per_sample / 2**20
     seen = []
-    handle = resnet.module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    # the masked forwards run on the scoring network (the lean copy when batch norm folds)
+    networks = {resnet.module, network_for(resnet.module, inputs)}
+    handles = [net.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0])) for net in networks]
     try:
         with LargestTensor() as probe:
             result = ScoreCAM(resnet.module, "layer3", memory_budget_mb=budget_mb).explain(inputs, 1)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     assert result.details["mode"] == "exact" and result.details["batch_size"] == 8
     assert max(seen) == 8 and len(seen) >= channels // 8
     assert 8 * per_sample < all_masked / 2  # the budget rules out holding all masked inputs

@@ -34,7 +34,7 @@ class CoreSettings(BaseSettings):
     overlay_max_side: int = Field(1024, ge=16, le=8192)
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads; default torch's")
     cudnn_benchmark: bool = Field(True, description="let cuDNN time its kernels per input shape (CUDA): "
-                                  "about 15 % off I-GOS++ on an H200; the first request of a shape pays")
+                                  "5-10 % off I-GOS++ on an H200; the first request of a shape pays")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # --- Score-CAM and the GPU fast path (API and workers run the same explainers) ---

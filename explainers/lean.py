@@ -1,0 +1,117 @@
+"""A lean copy of a classifier for explainers that only score images: batch norm folded away.
+
+SAG, Score-CAM's masked forwards and the deletion / insertion metrics push hundreds of images
+through the network and never look inside it, so they can run a copy in which every eval-mode
+batch norm that directly follows a convolution is folded into that convolution's weights and
+bias (``w' = w * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta``) and removed.
+That saves one pass over every feature map: efficientnet_lite0 forwards on the 2-core CPU took
+18 instead of 28 ms per image on random inputs, 11-14 instead of 14-16 ms on SAG's patch images
+(2026-11-26); on an H200 unfused batch norm was a fifth of the device time of an I-GOS++ run.
+I-GOS itself keeps the network as loaded: its accept / reject steps amplify rounding.
+
+Which batch norm follows which convolution is read off one traced forward (the batch norm's
+input is the very tensor the convolution returned), so no architecture is hard-coded; timm's
+``BatchNormAct2d`` keeps its activation. The copy is checked against the original on the
+caller's own input and thrown away when the logits differ, so a model this cannot fold (a
+convolution output that also feeds a residual, TorchScript) is simply scored as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import weakref
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_copies: weakref.WeakKeyDictionary[nn.Module, dict[bool, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def _conv_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """(convolution, batch norm) module names where the batch norm consumed the convolution's output."""
+    produced: dict[int, str] = {}
+    pairs: list[tuple[str, str]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(
+                lambda _m, _i, output, name=name: produced.__setitem__(id(output), name)))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, inputs, name=name: pairs.append((produced.get(id(inputs[0]), ""), name))))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(conv, norm) for conv, norm in pairs if conv]
+
+
+def _fold(conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm) -> None:
+    scale = (norm.weight if norm.affine else torch.ones_like(norm.running_var)) / torch.sqrt(norm.running_var + norm.eps)
+    shift = norm.bias if norm.affine else torch.zeros_like(norm.running_mean)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+    conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
+    conv.bias = nn.Parameter((bias - norm.running_mean) * scale + shift, requires_grad=False)
+
+
+def _without_norm(norm: nn.Module) -> nn.Module:
+    """What stays of a folded batch norm: timm's fused activation (and dropout), else nothing."""
+    kept = [getattr(norm, part) for part in ("drop", "act") if isinstance(getattr(norm, part, None), nn.Module)]
+    return nn.Sequential(*kept) if kept else nn.Identity()
+
+
+def fold_batch_norms(model: nn.Module, example: torch.Tensor, tolerance: float = 1e-3) -> nn.Module | None:
+    """A frozen eval-mode copy of ``model`` with batch norms folded into their convolutions,
+    or ``None`` when nothing folds or the copy's logits on ``example`` differ from the
+    original's by more than ``tolerance`` relative to their largest magnitude."""
+    twin = copy.deepcopy(model).eval().requires_grad_(False)
+    for module in twin.modules():  # hooks copied from a request in flight must not follow
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+    example = example.detach().float()
+    pairs = _conv_batchnorm_pairs(twin, example)
+    if not pairs:
+        return None
+    with torch.no_grad():
+        expected = twin(example).float()
+        for conv_name, norm_name in pairs:
+            norm = twin.get_submodule(norm_name)
+            _fold(twin.get_submodule(conv_name), norm)
+            parent_name, _, attribute = norm_name.rpartition(".")
+            setattr(twin.get_submodule(parent_name) if parent_name else twin, attribute, _without_norm(norm))
+        folded = twin(example).float()
+    error = float((folded - expected).abs().max()) / max(float(expected.abs().max()), 1e-6)
+    if not error <= tolerance:
+        logger.warning("batch-norm folding changed the logits by %.2g (relative); scoring the model as it is", error)
+        return None
+    return twin
+
+
+def lean_network(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """The cached lean copy of ``model`` for ``example``'s device (channels-last on CUDA), built
+    and verified on ``example``'s first image; ``model`` itself when no lean copy can be made."""
+    channels_last = example.device.type == "cuda"
+    with _lock:
+        cached = _copies.get(model, {}).get(channels_last)
+    if cached is not None:
+        return cached
+    with _lock:
+        try:
+            lean = fold_batch_norms(model, example[:1]) or model
+        except Exception as exc:  # TorchScript, exotic modules: never fail a request over speed
+            logger.warning("no lean copy of %s: %s", type(model).__name__, exc)
+            lean = model
+        if channels_last and lean is not model:
+            lean = lean.to(memory_format=torch.channels_last)
+        _copies.setdefault(model, {})[channels_last] = lean
+        return lean
+
+
+__all__ = ["fold_batch_norms", "lean_network"]
