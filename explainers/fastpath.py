@@ -160,8 +160,10 @@ _failed: set[tuple[Any, ...]] = set()
 
 
 def private_copy(module: nn.Module, memory_channels_last: bool) -> nn.Module:
-    """A frozen eval-mode copy of ``module`` owned by the fast path (no foreign hooks)."""
-    with _cache_lock:
+    """A frozen eval-mode copy of ``module`` owned by the fast path (no foreign hooks). Made of
+    normal tensors even when the first caller is in inference mode, since I-GOS back-propagates
+    through the same copy."""
+    with _cache_lock, torch.inference_mode(False):
         twin = _copies.get(module)
         if twin is None:
             twin = copy.deepcopy(module).eval().requires_grad_(False)

@@ -102,9 +102,9 @@ def lean_network(model: nn.Module, example: torch.Tensor) -> nn.Module:
         cached = _copies.get(model, {}).get(channels_last)
     if cached is not None:
         return cached
-    with _lock:
+    with _lock, torch.inference_mode(False):  # normal tensors, whatever mode the first caller is in
         try:
-            lean = fold_batch_norms(model, example[:1]) or model
+            lean = fold_batch_norms(model, example[:1].clone()) or model
         except Exception as exc:  # TorchScript, exotic modules: never fail a request over speed
             logger.warning("no lean copy of %s: %s", type(model).__name__, exc)
             lean = model

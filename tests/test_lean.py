@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+from explainers.fastpath import private_copy
 from explainers.lean import fold_batch_norms, lean_network
 
 
@@ -61,3 +63,18 @@ def test_lean_copy_is_cached_per_model():
     assert lean_network(model, torch.randn(5, 3, 6, 6)) is first
     with torch.no_grad():
         assert torch.allclose(first(example), model(example), atol=1e-5)
+
+
+@pytest.mark.parametrize("make_copy", [lambda model, example: lean_network(model, example),
+                                       lambda model, example: private_copy(model, False)], ids=["lean", "private"])
+def test_a_copy_made_under_inference_mode_still_serves_autograd(make_copy):
+    """The first caller may be inside torch.inference_mode (SAG, Score-CAM); a cached copy must
+    not be made of inference tensors, or a later caller tracking gradients (I-GOS) would fail."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2)).eval()
+    with torch.inference_mode():
+        twin = make_copy(model, torch.randn(2, 3, 8, 8))
+    assert twin is not model
+    inputs = torch.randn(2, 3, 8, 8, requires_grad=True)
+    twin(inputs).sum().backward()
+    assert inputs.grad is not None and torch.isfinite(inputs.grad).all()
