@@ -21,7 +21,6 @@ Any failure to compile or capture falls back to eager execution, logged once.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import threading
 import weakref
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 from explainers.capture import LayerCapture
-from explainers.lean import lean_network
+from explainers.lean import frozen_copy, lean_network
 
 logger = logging.getLogger("unbox.fastpath")
 
@@ -166,10 +165,7 @@ def private_copy(module: nn.Module, memory_channels_last: bool) -> nn.Module:
     with _cache_lock, torch.inference_mode(False):
         twin = _copies.get(module)
         if twin is None:
-            twin = copy.deepcopy(module).eval().requires_grad_(False)
-            for sub in twin.modules():  # hooks copied from a request in flight must not follow
-                sub._forward_hooks.clear()
-                sub._forward_pre_hooks.clear()
+            twin = frozen_copy(module)
             if memory_channels_last:
                 twin = twin.to(memory_format=torch.channels_last)
             _copies[module] = twin

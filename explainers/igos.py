@@ -408,6 +408,11 @@ class IGOSPlusPlus(_MaskSearch):
 
     method = "igos++"
     num_masks = 2
+    # The reference's balance (iGOS++ paper, CHIL 2021): the descent direction halves the summed
+    # gradient of the four terms, while the step is judged on their unhalved sum; its bilateral
+    # TV is the mean of the mask-resolution and image-resolution parts.
+    search_term_scale = 2.0
+    tv_scale = 0.5
 
     def _terms(self) -> list[tuple[int, int, float]]:
         # deletion and insertion on the product, deletion on M_d, insertion on M_i; halved
@@ -415,12 +420,6 @@ class IGOSPlusPlus(_MaskSearch):
 
     def _mask_names(self) -> list[str]:
         return ["deletion", "insertion"]
-
-    # The reference's balance (iGOS++ paper, CHIL 2021): the descent direction halves the summed
-    # gradient of the four terms, while the step is judged on their unhalved sum; its bilateral
-    # TV is the mean of the mask-resolution and image-resolution parts.
-    search_term_scale = 2.0
-    tv_scale = 0.5
 
 
 EXPLAINERS: dict[str, type[_MaskSearch]] = {"igos": IGOS, "igos++": IGOSPlusPlus}

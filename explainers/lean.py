@@ -67,14 +67,21 @@ def _without_norm(norm: nn.Module) -> nn.Module:
     return nn.Sequential(*kept) if kept else nn.Identity()
 
 
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with frozen parameters and no forward hooks (hooks copied
+    from a request in flight must not follow it)."""
+    twin = copy.deepcopy(model).eval().requires_grad_(False)
+    for module in twin.modules():
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+    return twin
+
+
 def fold_batch_norms(model: nn.Module, example: torch.Tensor, tolerance: float = 1e-3) -> nn.Module | None:
     """A frozen eval-mode copy of ``model`` with batch norms folded into their convolutions,
     or ``None`` when nothing folds or the copy's logits on ``example`` differ from the
     original's by more than ``tolerance`` relative to their largest magnitude."""
-    twin = copy.deepcopy(model).eval().requires_grad_(False)
-    for module in twin.modules():  # hooks copied from a request in flight must not follow
-        module._forward_hooks.clear()
-        module._forward_pre_hooks.clear()
+    twin = frozen_copy(model)
     example = example.detach().float()
     pairs = _conv_batchnorm_pairs(twin, example)
     if not pairs:
@@ -114,4 +121,4 @@ def lean_network(model: nn.Module, example: torch.Tensor) -> nn.Module:
         return lean
 
 
-__all__ = ["fold_batch_norms", "lean_network"]
+__all__ = ["fold_batch_norms", "frozen_copy", "lean_network"]
