@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -46,11 +46,14 @@ async def explain(
                                           "default from UNBOX_SCORECAM_CHANNELS) or 'all' (exact)")] = None,
     metrics: Annotated[bool, Form(description="also score the map: deletion/insertion AUCs and their protocol "
                                   "(blurred baseline, softmax probability, 50 steps; about 100 extra forwards)")] = False,
+    metrics_unit: Annotated[Literal["pixel", "cell"], Form(
+        description="with metrics=true: 'pixel' (default) changes the map's pixels in order; 'cell' scores it like "
+                    "the I-GOS papers' code (28 x 28 cells, soft reveal), to compare with their figures")] = "pixel",
 ) -> Response:
     """Predict and explain in one call: a heat map of what drove the target class."""
     data = await image.read()
     result = await run_in_threadpool(_service(request).explain, data, method, model, target, layer or None, top_k,
-                                     channels, metrics)
+                                     channels, metrics_unit if metrics else None)
     if "image/png" in request.headers.get("accept", "") and "application/json" not in request.headers.get("accept", ""):
         return Response(result.heatmap.overlay_png, media_type="image/png",
                         headers={"X-Unbox-Target": str(result.target.index), "X-Unbox-Label": result.target.label})

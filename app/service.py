@@ -18,6 +18,7 @@ from app.intake import ImageRejected, decode_image
 from app.metrics import Metrics
 from app.settings import Settings
 from explainers.errors import ExplainError
+from explainers.metrics import MetricUnit
 from explainers.pipeline import ImageExplanation, explain_image, top_predictions
 from models.build import ModelBuildError
 from models.registry import LoadedModel, ModelLoadingError, ModelRegistry, UnknownModelError
@@ -94,7 +95,7 @@ class InferenceService:
         return {"channels": count, "memory_budget_mb": self.settings.scorecam_memory_mb}
 
     def explain(self, data: bytes, method: str, model_name: str, target: int | None, layer: str | None,
-                top_k: int, channels: str | None = None, metrics: bool = False) -> ImageExplanation:
+                top_k: int, channels: str | None = None, metrics: MetricUnit | None = None) -> ImageExplanation:
         started = time.perf_counter()
         options = self.method_options(method, channels)
         image = self.decode(data)

@@ -10,7 +10,9 @@ pytorch-grad-cam's Grad-CAM, a seeded random 28 x 28 map) is scored by
 probability of the top-1 class, ``--metric-steps`` steps, stable sort, trapezoidal AUC) on
 scikit-image's chelsea, coffee, rocket and astronaut with efficientnet_lite0. The reference
 figures (the IGOS_pp implementation with its own 28 x 28 blur metric) are shown beside them:
-I-GOS++ 0.096 / 0.481 and Grad-CAM 0.111 / 0.386 (mean deletion / insertion AUC).
+I-GOS++ 0.096 / 0.481 and Grad-CAM 0.111 / 0.386 (mean deletion / insertion AUC). Every map is
+also scored under the papers' own protocol (``unit="cell"``: 28 x 28 cells, soft aligned-corner
+reveal, right Riemann sum) so that those figures can be compared like for like.
 
 Speed: seconds per image for I-GOS / I-GOS++ at the reference settings (28 x 28 mask,
 I-GOS++ 20 iterations of 15 steps, line search from 1000) and for the CPU preset; the
@@ -51,6 +53,8 @@ class Row:
     deletion: list[float] = field(default_factory=list)
     insertion: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    cell_deletion: list[float] = field(default_factory=list)
+    cell_insertion: list[float] = field(default_factory=list)
     reference: str = ""
 
     def mean(self, values: list[float]) -> float | None:
@@ -118,6 +122,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-reference-settings", action="store_true", help="skip the (slow on CPU) reference settings")
     parser.add_argument("--quick", action="store_true", help="one photo, CPU preset only, 10 metric steps")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="PREFIX",
+                        help="only the methods whose row name starts with one of these (e.g. 'igos++' gradcam)")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="no untimed first run per method (fine on a CPU, where a run takes seconds)")
     parser.add_argument("--no-docs", action="store_true", help="do not append to docs/benchmarks.md")
     parser.add_argument("--speed-models", nargs="*", default=[], choices=["convnext_tiny", "resnet50"],
                         help="also time I-GOS++ at the reference settings on these torchvision models "
@@ -154,6 +162,8 @@ def main() -> None:
         pass
     methods["gradcam (pytorch-grad-cam)"] = lambda x, t: pytorch_grad_cam_map(module, layer, x, t)
     methods["random 28x28 map"] = lambda x, t: torch.rand(1, 28, 28, generator=torch.Generator().manual_seed(0)).to(x.device)
+    if args.methods:
+        methods = {name: fn for name, fn in methods.items() if name.startswith(tuple(args.methods))}
 
     rows = {name: Row(name) for name in methods}
     for name, row in rows.items():
@@ -168,26 +178,35 @@ def main() -> None:
         target = int(model.logits(inputs)[0].argmax())
         baseline, info = make_baseline(inputs, "blur")
         for name, explain in methods.items():
-            if image_name == args.images[0] and not args.quick:
+            if image_name == args.images[0] and not (args.quick or args.no_warmup):
                 timed(lambda: explain(inputs, target), device)  # warm-up
             runs = [timed(lambda: explain(inputs, target), device) for _ in range(max(1, args.repeats))]
             saliency, durations = runs[-1][0], [seconds for _, seconds in runs]
             if saliency is None:
                 continue
-            scores = deletion_insertion(module, inputs, saliency, torch.tensor([target], device=device),
-                                        steps=args.metric_steps, baseline=baseline, baseline_description=info)
-            rows[name].deletion.append(float(scores.deletion_auc[0]))
-            rows[name].insertion.append(float(scores.insertion_auc[0]))
-            rows[name].seconds.append(statistics.median(durations))
-            print(f"{image_name:10s} {name:30s} del {rows[name].deletion[-1]:.3f} ins {rows[name].insertion[-1]:.3f} "
-                  f"{rows[name].seconds[-1]:.2f} s", flush=True)
+            labels = torch.tensor([target], device=device)
+            scores = deletion_insertion(module, inputs, saliency, labels, steps=args.metric_steps,
+                                        baseline=baseline, baseline_description=info)
+            papers = deletion_insertion(module, inputs, saliency, labels, steps=args.metric_steps,
+                                        baseline=baseline, unit="cell", auc="right")
+            row = rows[name]
+            row.deletion.append(float(scores.deletion_auc[0]))
+            row.insertion.append(float(scores.insertion_auc[0]))
+            row.cell_deletion.append(float(papers.deletion_auc[0]))
+            row.cell_insertion.append(float(papers.insertion_auc[0]))
+            row.seconds.append(statistics.median(durations))
+            print(f"{image_name:10s} {name:30s} del {row.deletion[-1]:.3f} ins {row.insertion[-1]:.3f} "
+                  f"(cells: {row.cell_deletion[-1]:.3f} / {row.cell_insertion[-1]:.3f}) "
+                  f"{row.seconds[-1]:.2f} s", flush=True)
 
-    header = "| method | mean deletion AUC (lower better) | mean insertion AUC (higher better) | s / image | reference |"
-    lines = [header, "|---|---|---|---|---|"]
+    header = ("| method | mean deletion AUC (lower better) | mean insertion AUC (higher better) | "
+              "papers' protocol: deletion / insertion | s / image | reference (papers' protocol) |")
+    lines = [header, "|---|---:|---:|---:|---:|---|"]
     for row in rows.values():
         if not row.deletion:
             continue
         lines.append(f"| {row.name} | {row.mean(row.deletion):.3f} | {row.mean(row.insertion):.3f} | "
+                     f"{row.mean(row.cell_deletion):.3f} / {row.mean(row.cell_insertion):.3f} | "
                      f"{row.mean(row.seconds):.2f} | {row.reference} |")
     ratios = []
     for ours, theirs in (("igos++ (reference settings)", "igos++"), ("igos (reference settings)", "igos")):
@@ -198,7 +217,7 @@ def main() -> None:
                           f"(reference on an H200, ours on {device.type})")
     for speed_model in args.speed_models:
         seconds = speed_only(speed_model, images, model.preprocessor, device, args.repeats)
-        lines.append(f"| igos++ (reference settings) on {speed_model}, random weights (speed only) | - | - | "
+        lines.append(f"| igos++ (reference settings) on {speed_model}, random weights (speed only) | - | - | - | "
                      f"{statistics.fmean(seconds):.2f} | 6.5 s on H200 (ConvNeXt-Tiny) |")
     table = "\n".join(lines)
     print()
@@ -217,7 +236,10 @@ def main() -> None:
         + (f" (cuDNN kernels timed per shape: {args.cudnn_benchmark}, channels-last bf16 copy)"
            if device.type == "cuda" else "") + f"; images: {', '.join(args.images)}; target: top-1",
         f"- protocol: blurred baseline (kernel 51, sigma 50 at 224), softmax probability, "
-        f"{args.metric_steps} steps, stable sort, trapezoidal AUC; timings: median of {args.repeats} run(s)"
+        f"{args.metric_steps} steps, stable sort, trapezoidal AUC over pixels; the papers' protocol column: "
+        f"the same baseline and steps over 28 x 28 cells, changed cells upsampled bilinearly with aligned "
+        f"corners, right Riemann sum (`deletion_insertion(unit='cell', auc='right')`); "
+        f"timings: median of {args.repeats} run(s)"
         + (" (quick run: not representative)" if args.quick else ""),
         "- CPU preset (`preset=cpu` on the igos / igos++ jobs): 28 x 28 mask, 8 iterations of 5 steps, "
         "line search warm-started from the last step: about 7x fewer network passes than the reference "

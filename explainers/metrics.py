@@ -1,12 +1,23 @@
 """Deletion and insertion scores of a saliency map (Petsiuk et al., RISE, 2018; as used by I-GOS).
 
-Protocol (stated in every result, see :meth:`Protocol.as_json`): the map is resampled
-bilinearly to the model's input resolution and its pixels are ordered from most to least
-salient with a *stable* sort (ties keep raster order). Over ``steps`` equal steps, deletion
-replaces the first ``round(j * N / steps)`` pixels of the image by the baseline and insertion
-reveals them on the baseline; the last step is exactly all ``N`` pixels. The score is the
-softmax probability of the target class. The AUC is the trapezoidal area under the curve over
-the fraction of pixels changed (0..1). Lower deletion and higher insertion AUC are better.
+Protocol (stated in every result, see :meth:`Protocol.as_json`), one of two units:
+
+- ``pixel`` (the default): the map is resampled bilinearly to the model's input resolution and
+  its pixels are ordered from most to least salient with a *stable* sort (ties keep raster
+  order). Over ``steps`` equal steps, deletion replaces the first ``round(j * N / steps)``
+  pixels of the image by the baseline and insertion reveals them on the baseline; the last
+  step is exactly all ``N`` pixels.
+- ``cell``: the protocol of the I-GOS / I-GOS++ papers' code, for comparing with their
+  figures. The map is resampled to ``cells x cells`` (I-GOS's 28 x 28 mask as it is), the
+  cells are ordered the same way, and the changed cells form a 0/1 grid that is upsampled
+  bilinearly with aligned corners (the papers' ``UpsamplingBilinear2d``) into a soft blend
+  weight between the image and the baseline.
+
+The score is the softmax probability of the target class. The AUC is the area under the curve
+over the fraction changed (0..1): the trapezoidal rule by default, or ``right`` (the right
+Riemann sum the papers' code uses: it leaves out the first point, which flatters both scores
+by half a step's width times the curve's total fall or rise). Lower deletion and higher
+insertion AUC are better.
 
 All curve images are built on the device and scored in batched forwards; the only device ->
 host copy is the final one.
@@ -15,7 +26,7 @@ host copy is the final one.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +37,13 @@ from explainers.batching import images_per_forward
 from explainers.fastpath import network_for
 
 DEFAULT_STEPS = 50
+DEFAULT_CELLS = 28  # the I-GOS papers' mask side
+MetricUnit = Literal["pixel", "cell"]
+AucRule = Literal["trapezoid", "right"]
+AUC_RULES = {
+    "trapezoid": "trapezoidal rule over the fraction deleted/inserted (0..1)",
+    "right": "right Riemann sum over the fraction deleted/inserted (0..1), first point left out",
+}
 
 
 @dataclass(frozen=True)
@@ -35,13 +53,25 @@ class Protocol:
     steps: int = DEFAULT_STEPS
     baseline: dict[str, Any] = field(default_factory=lambda: {"kind": "blur"})
     resolution: tuple[int, int] = (224, 224)
+    unit: MetricUnit = "pixel"
+    cells: int | None = None  # the cell grid's side for unit "cell"
     score: str = "softmax probability of the target class"
     order: str = "descending saliency, stable sort (ties in raster order), map resampled bilinearly"
-    auc: str = "trapezoidal rule over the fraction of pixels deleted/inserted (0..1)"
+    auc: str = AUC_RULES["trapezoid"]
+
+    @property
+    def change(self) -> str:
+        if self.unit == "pixel":
+            return "pixels replaced (deletion) or revealed (insertion) outright"
+        return (f"{self.cells} x {self.cells} cells; the changed cells' 0/1 grid upsampled bilinearly "
+                "(aligned corners) blends image and baseline")
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["resolution"] = list(self.resolution)
+        data["change"] = self.change
+        if self.cells is None:
+            del data["cells"]
         return data
 
 
@@ -86,31 +116,43 @@ def pixel_order(saliency: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return ranks.scatter_(1, order, positions)
 
 
-def _counts(pixels: int, steps: int, device: torch.device) -> torch.Tensor:
-    """Pixels changed after each step 0..steps; exactly ``pixels`` at the last step."""
-    return torch.round(torch.arange(steps + 1, device=device, dtype=torch.float64) * pixels / steps).long()
+def _counts(units: int, steps: int, device: torch.device) -> torch.Tensor:
+    """Pixels (or cells) changed after each step 0..steps; exactly ``units`` at the last step."""
+    return torch.round(torch.arange(steps + 1, device=device, dtype=torch.float64) * units / steps).long()
+
+
+def _area(curves: torch.Tensor, fractions: torch.Tensor, rule: AucRule) -> torch.Tensor:
+    """Area under ``curves`` (``... x points``) over ``fractions`` by ``rule``."""
+    if rule == "trapezoid":
+        return torch.trapezoid(curves, fractions, dim=-1)
+    return (curves[..., 1:] * fractions.diff()).sum(dim=-1)
 
 
 @torch.no_grad()
 def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.Tensor, targets: torch.Tensor,
                        steps: int = DEFAULT_STEPS, baseline: torch.Tensor | BaselineKind = "blur",
-                       max_batch: int | None = None, baseline_description: dict[str, Any] | None = None) -> Faithfulness:
+                       max_batch: int | None = None, baseline_description: dict[str, Any] | None = None,
+                       unit: MetricUnit = "pixel", cells: int = DEFAULT_CELLS, auc: AucRule = "trapezoid") -> Faithfulness:
     """Deletion and insertion curves of ``saliency`` (``B x h x w``, high = important).
 
     ``inputs`` is the normalised batch the model takes, ``targets`` one class per image,
     ``baseline`` a tensor like ``inputs`` (described by ``baseline_description`` in the
-    protocol) or a kind for :func:`explainers.baselines.make_baseline`.
+    protocol) or a kind for :func:`explainers.baselines.make_baseline`; ``unit``, ``cells`` and
+    ``auc`` choose the protocol (module docstring).
     """
     if steps < 1:
         raise ValueError("steps must be >= 1")
+    if unit not in ("pixel", "cell") or auc not in AUC_RULES or cells < 1:
+        raise ValueError("unit must be 'pixel' or 'cell', auc 'trapezoid' or 'right', cells >= 1")
     if isinstance(baseline, str):
         base, description = make_baseline(inputs, baseline)
     else:
         base, description = baseline.to(inputs.dtype), baseline_description or {"kind": "given"}
     batch, _, height, width = inputs.shape
-    pixels = height * width
-    ranks = pixel_order(saliency.to(inputs.device), (height, width)).view(1, batch, 1, height, width)
-    counts = _counts(pixels, steps, inputs.device)
+    grid = (height, width) if unit == "pixel" else (cells, cells)
+    units = grid[0] * grid[1]
+    ranks = pixel_order(saliency.to(inputs.device), grid).view(1, batch, 1, *grid)
+    counts = _counts(units, steps, inputs.device)
     targets = torch.as_tensor(targets, device=inputs.device).reshape(-1).expand(batch)
     points = steps + 1
     # Work list: (curve kind, step) pairs; each pair yields one image per batch element.
@@ -121,24 +163,32 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.T
     for start in range(0, 2 * points, per_chunk):
         entries = torch.arange(start, min(start + per_chunk, 2 * points), device=inputs.device)
         kinds, step_index = entries // points, entries % points
-        changed = ranks < counts[step_index].view(-1, 1, 1, 1, 1)  # c x B x 1 x H x W
+        changed = ranks < counts[step_index].view(-1, 1, 1, 1, 1)  # c x B x 1 x grid
         deleting = (kinds == 0).view(-1, 1, 1, 1, 1)
         # deletion: baseline where changed; insertion: image where changed, baseline elsewhere
-        use_base = torch.where(deleting, changed, ~changed)
-        images = torch.where(use_base, base.unsqueeze(0), inputs.unsqueeze(0))
+        if unit == "pixel":
+            use_base = torch.where(deleting, changed, ~changed)
+            images = torch.where(use_base, base.unsqueeze(0), inputs.unsqueeze(0))
+        else:
+            share = F.interpolate(changed.flatten(0, 1).to(inputs.dtype), size=(height, width),
+                                  mode="bilinear", align_corners=True).view(len(entries), batch, 1, height, width)
+            base_share = torch.where(deleting, share, 1 - share)
+            images = torch.lerp(inputs.unsqueeze(0), base.unsqueeze(0), base_share)
         logits = network(images.flatten(0, 1).contiguous(memory_format=layout)).float()
         probabilities = logits.softmax(dim=1).gather(1, targets.repeat(len(entries))[:, None])
         scores.append(probabilities.view(len(entries), batch))
     curves = torch.cat(scores).view(2, points, batch).permute(0, 2, 1).cpu()
-    fractions = counts.double().cpu() / pixels
-    aucs = torch.trapezoid(curves.double(), fractions, dim=-1)
-    protocol = Protocol(steps=steps, baseline=description, resolution=(height, width))
+    fractions = counts.double().cpu() / units
+    aucs = _area(curves.double(), fractions, auc)
+    protocol = Protocol(steps=steps, baseline=description, resolution=(height, width), unit=unit,
+                        cells=cells if unit == "cell" else None, auc=AUC_RULES[auc])
     return Faithfulness(curves[0], curves[1], fractions.float(), aucs[0].float(), aucs[1].float(), protocol)
 
 
 def map_metrics(model: nn.Module, inputs: torch.Tensor, saliency: torch.Tensor, targets: torch.Tensor,
-                steps: int = DEFAULT_STEPS) -> dict[str, Any]:
-    """``{"deletion_auc", "insertion_auc", "protocol"}`` of one image's map under the default
-    protocol (blurred baseline): what ``/v1/explain`` returns with ``metrics=true``."""
-    scores = deletion_insertion(model, inputs[:1], saliency[:1], targets[:1], steps=steps, baseline="blur")
+                steps: int = DEFAULT_STEPS, unit: MetricUnit = "pixel") -> dict[str, Any]:
+    """``{"deletion_auc", "insertion_auc", "protocol"}`` of one image's map (blurred baseline,
+    trapezoidal AUC, ``unit`` pixels or 28 x 28 cells): what ``/v1/explain`` returns with
+    ``metrics=true``."""
+    scores = deletion_insertion(model, inputs[:1], saliency[:1], targets[:1], steps=steps, baseline="blur", unit=unit)
     return scores.as_json(0, curves=False)

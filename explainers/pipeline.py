@@ -19,7 +19,7 @@ from torch import nn
 
 from explainers.cam import CAM, ActivationCAM, GradCAM, ScoreCAM
 from explainers.errors import ExplainError
-from explainers.metrics import map_metrics
+from explainers.metrics import MetricUnit, map_metrics
 from explainers.fastpath import FastPath
 from explainers.render import blend, encode_png, fit_within, to_uint8
 from explainers.result import Explanation
@@ -140,8 +140,9 @@ def render_pictures(image: Image.Image, saliency: torch.Tensor, preprocessor: An
 def explain_image(model: ModelHandle, image: Image.Image, method: str = "gradcam", target: int | None = None,
                   layer: str | None = None, top_k: int = 5, overlay_max_side: int = 1024,
                   options: dict[str, Any] | None = None, fastpath: FastPath | None = None,
-                  metrics: bool = False) -> ImageExplanation:
-    """Predict ``image`` with ``model`` and explain ``target`` (default top-1) with ``method``.
+                  metrics: MetricUnit | None = None) -> ImageExplanation:
+    """Predict ``image`` with ``model`` and explain ``target`` (default top-1) with ``method``;
+    with ``metrics`` (a unit of :func:`explainers.metrics.deletion_insertion`) also score the map.
 
     What ran (Score-CAM's mode and channel count, the precision, ...) is in
     ``result.explanation.details``."""
@@ -156,7 +157,8 @@ def explain_image(model: ModelHandle, image: Image.Image, method: str = "gradcam
     explained = time.perf_counter()
     pictures = render_pictures(image, explanation.saliency[0], model.preprocessor, overlay_max_side)
     finished = time.perf_counter()
-    scores = map_metrics(model.module, inputs, explanation.saliency, explanation.targets) if metrics else None
+    scores = (map_metrics(model.module, inputs, explanation.saliency, explanation.targets, unit=metrics)
+              if metrics else None)
     return ImageExplanation(
         model=model.name,
         method=method,

@@ -243,8 +243,8 @@ def test_job_runs_directly_with_a_fake_reporter(default_model, chelsea):
 
     method = get_method("igos++")
     reports: list[tuple[float, str]] = []
-    result = method.run(default_model, chelsea, None, IGOSPlusPlusParams(**JOB_PARAMS),
-                        lambda fraction, stage: reports.append((fraction, stage)))
+    params = IGOSPlusPlusParams(**JOB_PARAMS, metric_unit="cell", metric_cells=7, metric_auc="right")
+    result = method.run(default_model, chelsea, None, params, lambda fraction, stage: reports.append((fraction, stage)))
     fractions = [f for f, _ in reports]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert [s for _, s in reports if s.startswith("iteration")] == ["iteration 1/2", "iteration 2/2"]
@@ -254,6 +254,8 @@ def test_job_runs_directly_with_a_fake_reporter(default_model, chelsea):
     metrics = result["metrics"]
     assert metrics["protocol"]["baseline"] == {"kind": "blur", "kernel": 51, "sigma": 50.0}
     assert metrics["protocol"]["steps"] == 4 and len(metrics["curves"]["deletion"]) == 5
+    assert metrics["protocol"]["unit"] == "cell" and metrics["protocol"]["cells"] == 7  # the papers' protocol
+    assert "right Riemann" in metrics["protocol"]["auc"] and result["params"]["metric_auc"] == "right"
     assert 0.0 <= metrics["deletion_auc"] <= 1.0 and 0.0 <= metrics["insertion_auc"] <= 1.0
     assert result["params"]["iterations"] == 2 and result["params"]["warm_start"] is True
     assert result["timing_ms"]["total"] > 0

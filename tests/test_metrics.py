@@ -105,6 +105,46 @@ def test_blur_baseline_is_the_default(case):
     assert scores.deletion_curve[0].tolist() == pytest.approx([1.0] * 6, abs=1e-5)
 
 
+def test_cell_unit_at_full_resolution_is_the_pixel_unit(case):
+    """With one cell per pixel the soft reveal is the identity: both units give the same curves."""
+    model, inputs, baseline, maps, targets = case
+    pixels = deletion_insertion(model, inputs, maps, targets, steps=10, baseline=baseline)
+    cells = deletion_insertion(model, inputs, maps, targets, steps=10, baseline=baseline, unit="cell", cells=SIDE)
+    assert torch.allclose(pixels.deletion_curve, cells.deletion_curve, atol=1e-6)
+    assert torch.allclose(pixels.insertion_curve, cells.insertion_curve, atol=1e-6)
+
+
+def test_cell_unit_reveals_cells_softly_with_aligned_corners(case):
+    """5 x 5 cells on 10 x 10 pixels: changing the top cell row blends pixel rows 0, 1, 2 by
+    1, 5/9, 1/9 (aligned-corner bilinear: pixel row i sits at cell coordinate 4i/9), so the
+    class share of the top 3 rows drops to 4/9 (deletion) or rises to 5/9 (insertion); the
+    second cell row covers the region entirely."""
+    model, inputs, baseline, _, targets = case
+    coarse = torch.zeros(1, 5, 5)
+    coarse[0, 0], coarse[0, 1] = 1.0, 0.5
+    scores = deletion_insertion(model, inputs[:1], coarse, targets[:1], steps=5, baseline=baseline[:1],
+                                unit="cell", cells=5)
+    assert scores.fractions.tolist() == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert scores.deletion_curve[0].tolist() == pytest.approx([1, 4 / 9, 0, 0, 0, 0], abs=1e-6)
+    assert scores.insertion_curve[0].tolist() == pytest.approx([0, 5 / 9, 1, 1, 1, 1], abs=1e-6)
+    assert float(scores.deletion_auc[0]) == pytest.approx(0.2 * 17 / 18, abs=1e-6)
+    assert float(scores.insertion_auc[0]) == pytest.approx(1 - 0.2 * 17 / 18, abs=1e-6)
+    protocol = scores.as_json(0)["protocol"]
+    assert protocol["unit"] == "cell" and protocol["cells"] == 5 and "aligned corners" in protocol["change"]
+
+
+def test_right_riemann_rule_leaves_out_the_first_point(case):
+    """The papers' AUC: the mean of the points after each step (equal steps)."""
+    model, inputs, baseline, maps, targets = case
+    scores = deletion_insertion(model, inputs, maps, targets, steps=10, baseline=baseline, auc="right")
+    # perfect: deletion 1, 2/3, 1/3, 0 ... ; reversed: seven 1s (the 70 other pixels), 2/3, 1/3, 0
+    assert scores.deletion_auc.tolist() == pytest.approx([(2 / 3 + 1 / 3) / 10, (7 + 1) / 10], abs=1e-6)
+    assert scores.insertion_auc.tolist() == pytest.approx([(1 / 3 + 2 / 3 + 8) / 10, (1 / 3 + 2 / 3 + 1) / 10], abs=1e-6)
+    assert "right Riemann" in scores.protocol.auc
+    with pytest.raises(ValueError):
+        deletion_insertion(model, inputs, maps, targets, steps=10, baseline=baseline, unit="patch")
+
+
 def test_explain_endpoint_scores_the_map_on_request(api_server, chelsea):
     """``metrics=true`` on /v1/explain adds the AUCs and their protocol; without it, nothing."""
     import httpx
@@ -118,6 +158,16 @@ def test_explain_endpoint_scores_the_map_on_request(api_server, chelsea):
     assert set(metrics) == {"deletion_auc", "insertion_auc", "protocol"}
     assert metrics["protocol"]["steps"] == 50 and metrics["protocol"]["baseline"]["kind"] == "blur"
     assert 0.0 <= metrics["deletion_auc"] < metrics["insertion_auc"] <= 1.0  # Grad-CAM on a cat is a decent map
+    assert metrics["protocol"]["unit"] == "pixel"
+    cells = httpx.post(f"{api_server}/v1/explain", files=files, data={"metrics": "true", "metrics_unit": "cell"},
+                       timeout=300)
+    assert cells.status_code == 200, cells.text
+    protocol = cells.json()["metrics"]["protocol"]
+    assert protocol["unit"] == "cell" and protocol["cells"] == 28
+    assert cells.json()["metrics"]["insertion_auc"] != metrics["insertion_auc"]  # a different protocol, other numbers
+    bad = httpx.post(f"{api_server}/v1/explain", files=files, data={"metrics": "true", "metrics_unit": "voxel"},
+                     timeout=60)
+    assert bad.status_code == 422 and "error" in bad.json()
     plain = httpx.post(f"{api_server}/v1/explain", files=files, timeout=300)
     assert plain.status_code == 200 and "metrics" not in plain.json()
     bad = httpx.post(f"{api_server}/v1/explain", files=files, data={"metrics": "maybe"}, timeout=300)
