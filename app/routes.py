@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app.schemas import ERROR_RESPONSES, ExplainResponse, ModelOut, ModelsResponse, PredictResponse
 from app.service import InferenceService
+from explainers.metrics import MetricUnit
 from models.catalog import DEFAULT_MODEL
 
 router = APIRouter()
@@ -46,7 +47,7 @@ async def explain(
                                           "default from UNBOX_SCORECAM_CHANNELS) or 'all' (exact)")] = None,
     metrics: Annotated[bool, Form(description="also score the map: deletion/insertion AUCs and their protocol "
                                   "(blurred baseline, softmax probability, 50 steps; about 100 extra forwards)")] = False,
-    metrics_unit: Annotated[Literal["pixel", "cell"], Form(
+    metrics_unit: Annotated[MetricUnit, Form(
         description="with metrics=true: 'pixel' (default) changes the map's pixels in order; 'cell' scores it like "
                     "the I-GOS papers' code (28 x 28 cells, soft reveal), to compare with their figures")] = "pixel",
 ) -> Response:

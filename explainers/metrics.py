@@ -26,7 +26,7 @@ host copy is the final one.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -142,7 +142,7 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.T
     """
     if steps < 1:
         raise ValueError("steps must be >= 1")
-    if unit not in ("pixel", "cell") or auc not in AUC_RULES or cells < 1:
+    if unit not in get_args(MetricUnit) or auc not in AUC_RULES or cells < 1:
         raise ValueError("unit must be 'pixel' or 'cell', auc 'trapezoid' or 'right', cells >= 1")
     if isinstance(baseline, str):
         base, description = make_baseline(inputs, baseline)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from explainers.baselines import make_baseline
 from explainers.igos import IGOSConfig, make_igos
-from explainers.metrics import DEFAULT_CELLS, DEFAULT_STEPS, deletion_insertion
+from explainers.metrics import DEFAULT_CELLS, DEFAULT_STEPS, AucRule, MetricUnit, deletion_insertion
 from explainers.pipeline import render_pictures, target_prediction, top_predictions
 from workers.methods import JobMethod, ProgressReporter, register
 from workers.settings import load_core_settings
@@ -50,11 +50,11 @@ class IGOSParams(BaseModel):
     warm_start: bool = False
     seed: int = Field(0, ge=0, le=2**31 - 1)
     metric_steps: int = Field(DEFAULT_STEPS, ge=1, le=500, description="steps of the deletion/insertion curves")
-    metric_unit: Literal["pixel", "cell"] = Field(
+    metric_unit: MetricUnit = Field(
         "pixel", description="'pixel': change the map's pixels in order; 'cell': the I-GOS papers' protocol "
                              "(metric_cells x metric_cells cells, soft reveal), to compare with their figures")
     metric_cells: int = Field(DEFAULT_CELLS, ge=1, le=1024, description="cell grid side for metric_unit='cell'")
-    metric_auc: Literal["trapezoid", "right"] = Field(
+    metric_auc: AucRule = Field(
         "trapezoid", description="AUC rule: trapezoid, or the papers' right Riemann sum")
 
     method_name: ClassVar[str] = "igos"
@@ -114,8 +114,8 @@ def run_igos(method: str, model: Any, image: Any, target: int | None, params: IG
         "mask": {"size": list(mask.shape), "grid": [[round(v, 4) for v in row] for row in mask.cpu().tolist()],
                  "meaning": "optimised mask in [0, 1]; low = salient (heatmap.grid = normalised 1 - mask)"},
         "metrics": faithfulness.as_json(0, curves=True),
-        "params": {"preset": params.preset, "metric_steps": params.metric_steps, "metric_unit": params.metric_unit,
-                   "metric_cells": params.metric_cells, "metric_auc": params.metric_auc, **asdict(config)},
+        # the preset and metric_* fields as asked, then every optimisation parameter as used
+        "params": {**params.model_dump(exclude=set(IGOSConfig.__dataclass_fields__)), **asdict(config)},
         "precision": explanation.details["precision"],
         "images_evaluated": explanation.details["images_evaluated"],
         "timing_ms": {
