@@ -19,6 +19,12 @@ I-GOS++ 20 iterations of 15 steps, line search from 1000) and for the CPU preset
 reference took 2.5-3.1 s (I-GOS++) and 0.85-1.15 s (I-GOS) per image on an H200. Timings are
 the median of ``--repeats`` runs (synchronised on CUDA) after one warm-up per method on the first
 image (none with ``--quick``).
+
+Seeds: I-GOS and I-GOS++ draw fresh noise for every path image, so one seed's four-photo mean is
+one draw of a noisy estimate (it moved by up to 0.04 in insertion AUC between seeds on the CPU
+preset). ``--seeds N`` runs every I-GOS row with seeds 0..N-1, reports the mean over all runs and
+the range of the per-seed four-photo means, which is what a single reference figure must be
+compared with.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -55,10 +61,26 @@ class Row:
     seconds: list[float] = field(default_factory=list)
     cell_deletion: list[float] = field(default_factory=list)
     cell_insertion: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
     reference: str = ""
 
     def mean(self, values: list[float]) -> float | None:
         return statistics.fmean(values) if values else None
+
+    def seed_range(self, values: list[float]) -> tuple[float, float] | None:
+        """Lowest and highest per-seed mean over the photos (None with one seed)."""
+        if len(set(self.seeds)) < 2:
+            return None
+        per_seed = [statistics.fmean(v for v, s in zip(values, self.seeds) if s == seed) for seed in sorted(set(self.seeds))]
+        return min(per_seed), max(per_seed)
+
+    def papers_cell(self) -> str:
+        """``deletion / insertion`` under the papers' protocol, with the per-seed range when seeded."""
+        text = f"{self.mean(self.cell_deletion):.3f} / {self.mean(self.cell_insertion):.3f}"
+        deletion, insertion = self.seed_range(self.cell_deletion), self.seed_range(self.cell_insertion)
+        if deletion and insertion:
+            text += (f" (seeds: {deletion[0]:.3f}-{deletion[1]:.3f} / {insertion[0]:.3f}-{insertion[1]:.3f})")
+        return text
 
 
 def load_images(names: list[str]):
@@ -119,6 +141,8 @@ def main() -> None:
     parser.add_argument("--images", nargs="+", default=list(IMAGES), choices=IMAGES)
     parser.add_argument("--metric-steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per image and method")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run every I-GOS row with seeds 0..N-1 (the noise draws): mean and per-seed range")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-reference-settings", action="store_true", help="skip the (slow on CPU) reference settings")
     parser.add_argument("--quick", action="store_true", help="one photo, CPU preset only, 10 metric steps")
@@ -143,7 +167,8 @@ def main() -> None:
     module, layer = model.module, model.default_layer
     images = load_images(args.images)
 
-    methods: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {}
+    methods: dict[str, Callable[[torch.Tensor, int, int], torch.Tensor]] = {}
+    seeded: set[str] = set()
     configs: dict[str, IGOSConfig] = {}
     if not args.no_reference_settings:
         configs["igos (reference settings)"] = IGOSConfig.for_method("igos")
@@ -152,16 +177,18 @@ def main() -> None:
     configs["igos++ (cpu preset)"] = IGOSConfig.cpu_preset("igos++")
     for name, config in configs.items():
         variant = name.split(" ")[0]
-        methods[name] = (lambda v, c: lambda x, t: make_igos(v, module, c).explain(x, t).saliency)(variant, config)
-    methods["gradcam"] = lambda x, t: GradCAM(module, layer).explain(x, t).saliency
+        methods[name] = (lambda v, c: lambda x, t, seed: make_igos(v, module, replace(c, seed=seed))
+                         .explain(x, t).saliency)(variant, config)
+        seeded.add(name)
+    methods["gradcam"] = lambda x, t, _seed: GradCAM(module, layer).explain(x, t).saliency
     try:
         from explainers.cam import ScoreCAM
 
-        methods["scorecam"] = lambda x, t: ScoreCAM(module, layer).explain(x, t).saliency
+        methods["scorecam"] = lambda x, t, _seed: ScoreCAM(module, layer).explain(x, t).saliency
     except ImportError:
         pass
-    methods["gradcam (pytorch-grad-cam)"] = lambda x, t: pytorch_grad_cam_map(module, layer, x, t)
-    methods["random 28x28 map"] = lambda x, t: torch.rand(1, 28, 28, generator=torch.Generator().manual_seed(0)).to(x.device)
+    methods["gradcam (pytorch-grad-cam)"] = lambda x, t, _seed: pytorch_grad_cam_map(module, layer, x, t)
+    methods["random 28x28 map"] = lambda x, t, _seed: torch.rand(1, 28, 28, generator=torch.Generator().manual_seed(0)).to(x.device)
     if args.methods:
         methods = {name: fn for name, fn in methods.items() if name.startswith(tuple(args.methods))}
 
@@ -177,27 +204,29 @@ def main() -> None:
         inputs, _ = model.preprocessor.to_input(image)
         target = int(model.logits(inputs)[0].argmax())
         baseline, info = make_baseline(inputs, "blur")
+        labels = torch.tensor([target], device=device)
         for name, explain in methods.items():
-            if image_name == args.images[0] and not (args.quick or args.no_warmup):
-                timed(lambda: explain(inputs, target), device)  # warm-up
-            runs = [timed(lambda: explain(inputs, target), device) for _ in range(max(1, args.repeats))]
-            saliency, durations = runs[-1][0], [seconds for _, seconds in runs]
-            if saliency is None:
-                continue
-            labels = torch.tensor([target], device=device)
-            scores = deletion_insertion(module, inputs, saliency, labels, steps=args.metric_steps,
-                                        baseline=baseline, baseline_description=info)
-            papers = deletion_insertion(module, inputs, saliency, labels, steps=args.metric_steps,
-                                        baseline=baseline, unit="cell", auc="right")
-            row = rows[name]
-            row.deletion.append(float(scores.deletion_auc[0]))
-            row.insertion.append(float(scores.insertion_auc[0]))
-            row.cell_deletion.append(float(papers.deletion_auc[0]))
-            row.cell_insertion.append(float(papers.insertion_auc[0]))
-            row.seconds.append(statistics.median(durations))
-            print(f"{image_name:10s} {name:30s} del {row.deletion[-1]:.3f} ins {row.insertion[-1]:.3f} "
-                  f"(cells: {row.cell_deletion[-1]:.3f} / {row.cell_insertion[-1]:.3f}) "
-                  f"{row.seconds[-1]:.2f} s", flush=True)
+            for seed in range(max(1, args.seeds) if name in seeded else 1):
+                if image_name == args.images[0] and seed == 0 and not (args.quick or args.no_warmup):
+                    timed(lambda: explain(inputs, target, seed), device)  # warm-up
+                runs = [timed(lambda: explain(inputs, target, seed), device) for _ in range(max(1, args.repeats))]
+                saliency, durations = runs[-1][0], [seconds for _, seconds in runs]
+                if saliency is None:
+                    continue
+                scores = deletion_insertion(module, inputs, saliency, labels, steps=args.metric_steps,
+                                            baseline=baseline, baseline_description=info)
+                papers = deletion_insertion(module, inputs, saliency, labels, steps=args.metric_steps,
+                                            baseline=baseline, unit="cell", auc="right")
+                row = rows[name]
+                row.deletion.append(float(scores.deletion_auc[0]))
+                row.insertion.append(float(scores.insertion_auc[0]))
+                row.cell_deletion.append(float(papers.deletion_auc[0]))
+                row.cell_insertion.append(float(papers.insertion_auc[0]))
+                row.seconds.append(statistics.median(durations))
+                row.seeds.append(seed)
+                print(f"{image_name:10s} {name:30s} seed {seed} del {row.deletion[-1]:.3f} ins {row.insertion[-1]:.3f} "
+                      f"(cells: {row.cell_deletion[-1]:.3f} / {row.cell_insertion[-1]:.3f}) "
+                      f"{row.seconds[-1]:.2f} s", flush=True)
 
     header = ("| method | mean deletion AUC (lower better) | mean insertion AUC (higher better) | "
               "papers' protocol: deletion / insertion | s / image | reference (papers' protocol) |")
@@ -206,7 +235,7 @@ def main() -> None:
         if not row.deletion:
             continue
         lines.append(f"| {row.name} | {row.mean(row.deletion):.3f} | {row.mean(row.insertion):.3f} | "
-                     f"{row.mean(row.cell_deletion):.3f} / {row.mean(row.cell_insertion):.3f} | "
+                     f"{row.papers_cell()} | "
                      f"{row.mean(row.seconds):.2f} | {row.reference} |")
     ratios = []
     for ours, theirs in (("igos++ (reference settings)", "igos++"), ("igos (reference settings)", "igos")):
@@ -240,6 +269,8 @@ def main() -> None:
         f"the same baseline and steps over 28 x 28 cells, changed cells upsampled bilinearly with aligned "
         f"corners, right Riemann sum (`deletion_insertion(unit='cell', auc='right')`); "
         f"timings: median of {args.repeats} run(s)"
+        + (f"; I-GOS rows: seeds 0-{args.seeds - 1}, mean over all runs, and in brackets the range of the "
+           f"per-seed means over the photos" if args.seeds > 1 else "")
         + (" (quick run: not representative)" if args.quick else ""),
         "- CPU preset (`preset=cpu` on the igos / igos++ jobs): 28 x 28 mask, 8 iterations of 5 steps, "
         "line search warm-started from the last step: about 7x fewer network passes than the reference "

@@ -133,6 +133,17 @@ def _bilateral_tv(up: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor]) 
     return rows + cols
 
 
+def _runs(start: int, stop: int, length: int) -> list[tuple[int, int, int]]:
+    """Split entries ``start..stop-1`` into runs of ``length`` consecutive entries (run ``k``
+    holds entries ``k * length .. (k + 1) * length - 1``): ``(k, first, last)`` with offsets
+    relative to ``start``."""
+    runs = []
+    for run in range(start // length, (stop - 1) // length + 1):
+        first, last = max(start, run * length), min(stop, (run + 1) * length)
+        runs.append((run, first - start, last - start))
+    return runs
+
+
 class _MaskSearch:
     """The shared optimiser; subclasses say which masks and terms exist."""
 
@@ -172,7 +183,9 @@ class _MaskSearch:
         # not the lean copy: the search's accept / reject decisions amplify rounding differences,
         # and results should reproduce on the network as loaded
         network = network_for(self.model, images, lean=False)
-        if images.device.type == "cuda" and network is not self.model:
+        if images.device.type == "cpu" or network is not self.model:
+            # channels-last: the private copy's layout on CUDA; on a CPU the convolutions take
+            # NHWC inputs about 2x faster forward (1.15x forward + backward), same weights
             images = images.contiguous(memory_format=torch.channels_last)
         with precision:
             logits = network(images)
@@ -243,8 +256,14 @@ class _MaskSearch:
                 contribution = probs.view(len(entry), batch) * weights[term][:, None]
                 if grad_of is not None:
                     (g,) = torch.autograd.grad(contribution.sum(), leaf)
-                    grad.index_put_((cand, term), g, accumulate=True)
-            values.index_add_(0, cand, contribution.detach())
+            # entries are consecutive, so each (candidate, term) is a contiguous run: summing runs
+            # in a fixed order keeps seeded runs bit-identical (index_put_ / index_add_ with
+            # repeated indices accumulate in thread order on a multi-core CPU and on CUDA)
+            for run, first, last in _runs(start, start + len(entry), steps):
+                cand_index, term_index = divmod(run, terms)
+                values[cand_index] += contribution[first:last].detach().sum(0)
+                if grad is not None:
+                    grad[cand_index, term_index] += g[first:last].sum(0)
         return values, grad
 
     # -- the optimisation ----------------------------------------------------------------------

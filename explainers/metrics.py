@@ -158,7 +158,6 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.T
     # Work list: (curve kind, step) pairs; each pair yields one image per batch element.
     per_chunk = max(1, images_per_forward(inputs.device, max_batch) // batch)
     network = network_for(model, inputs)
-    layout = torch.channels_last if inputs.device.type == "cuda" else torch.contiguous_format
     scores = []
     for start in range(0, 2 * points, per_chunk):
         entries = torch.arange(start, min(start + per_chunk, 2 * points), device=inputs.device)
@@ -174,7 +173,7 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.T
                                   mode="bilinear", align_corners=True).view(len(entries), batch, 1, height, width)
             base_share = torch.where(deleting, share, 1 - share)
             images = torch.lerp(inputs.unsqueeze(0), base.unsqueeze(0), base_share)
-        logits = network(images.flatten(0, 1).contiguous(memory_format=layout)).float()
+        logits = network(images.flatten(0, 1).contiguous(memory_format=torch.channels_last)).float()
         probabilities = logits.softmax(dim=1).gather(1, targets.repeat(len(entries))[:, None])
         scores.append(probabilities.view(len(entries), batch))
     curves = torch.cat(scores).view(2, points, batch).permute(0, 2, 1).cpu()

@@ -457,14 +457,19 @@ def select_roots(found: list[int], scores: dict[int, float], overlap_limit: int,
 
 # -- patch ordering ----------------------------------------------------------------------------
 def pool_to_patches(saliency: torch.Tensor, scorer: PatchScorer) -> torch.Tensor:
-    """Mean of an ``h x w`` map (resampled to the input size) over each crisp patch."""
+    """Mean of an ``h x w`` map (resampled to the input size) over each crisp patch.
+
+    Sums as ``rows^T @ map @ cols`` with 0/1 patch-membership matrices: a fixed summation order,
+    so the patch ranking repeats exactly (scattered adds accumulate in thread order)."""
     height, width = scorer.patch_map.shape
     up = F.interpolate(saliency.float().reshape(1, 1, *saliency.shape[-2:]), size=(height, width),
-                       mode="bilinear", align_corners=False).flatten()
-    index = scorer.patch_map.flatten()
-    sums = torch.zeros(scorer.patch_count, device=up.device).index_add_(0, index, up)
-    counts = torch.zeros(scorer.patch_count, device=up.device).index_add_(0, index, torch.ones_like(up))
-    return sums / counts.clamp_min(1)
+                       mode="bilinear", align_corners=False)[0, 0]
+    grid = scorer.grid
+    rows = F.one_hot(scorer.patch_map[:, 0] // grid, grid).to(up.dtype)  # H x grid
+    cols = F.one_hot(scorer.patch_map[0, :] % grid, grid).to(up.dtype)   # W x grid
+    sums = rows.T @ up @ cols
+    counts = rows.sum(0)[:, None] * cols.sum(0)[None, :]
+    return (sums / counts.clamp_min(1)).flatten()
 
 
 def _igos_importance(model: nn.Module, inputs: torch.Tensor, target: int,

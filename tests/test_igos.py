@@ -81,6 +81,22 @@ def test_seeded_runs_repeat_exactly_and_seeds_matter():
     assert not torch.equal(first.details["mask"], other.details["mask"])
 
 
+def test_seeded_runs_repeat_exactly_on_the_real_model_with_two_threads(default_model, chelsea):
+    """On the real network with two threads, accumulating the per-term gradients with scattered
+    adds (index_put_ with repeated indices) summed in thread order and seeded masks differed in
+    the last bits, then more with every accepted step; the sums now run in a fixed order."""
+    inputs, _ = default_model.preprocessor.to_input(chelsea)
+    config = IGOSConfig.cpu_preset("igos++", iterations=2, steps=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = [IGOSPlusPlus(default_model.module, config).explain(inputs, None) for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[0].details["mask"], runs[1].details["mask"])
+    assert torch.equal(runs[0].details["objective"], runs[1].details["objective"])
+
+
 def test_nesterov_and_endpoint_options_run_and_find_the_region():
     model, inputs, baseline = _tiny_case()
     for overrides in ({"optimizer": "nesterov", "step_size": 1.0}, {"line_search_objective": "endpoint"}):

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from explainers.errors import ExplainError
-from explainers.sag import SAG, SAGConfig, SAGResult, key_of, patches_of, select_roots
+from explainers.sag import SAG, PatchScorer, SAGConfig, SAGResult, key_of, patches_of, pool_to_patches, select_roots
 from explainers.sag_render import render_svg, roots_overlay
 from workers.methods import JobCanceled, get_method
 
@@ -175,6 +175,16 @@ def test_minimisation_drops_every_removable_patch():
     assert len(patches) == 2 and patches < {8, 12, 36}
     assert len(net.batches) - batches_before == 4  # one batched forward per round: 5 -> 4 -> 3 -> 2, check
     assert max(net.batches[batches_before:]) == 5
+
+
+def test_pooling_is_the_mean_over_each_drawn_patch():
+    inputs = torch.zeros(1, 3, 50, 45)  # 7 does not divide either side: patches of unequal sizes
+    scorer = PatchScorer(nn.Identity(), inputs, inputs, 0, 7, 8)
+    saliency = torch.rand(50, 45, generator=torch.Generator().manual_seed(0))
+    pooled = pool_to_patches(saliency, scorer)
+    ys, xs = scorer.edges_y, scorer.edges_x
+    expected = torch.stack([saliency[ys[r]:ys[r + 1], xs[c]:xs[c + 1]].mean() for r in range(7) for c in range(7)])
+    assert torch.allclose(pooled, expected, atol=1e-6)
 
 
 def test_select_roots_rule():
