@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_session.sh            # full: I-GOS/I-GOS++, SAG, Grad-CAM/Score-CAM
 #   QUICK=1 bash bench/gpu_session.sh    # smoke run of the same steps (also works on a CPU)
-#   STEPS="igos cams" bash bench/gpu_session.sh   # some of the steps (igos, igos_fixed, profile, sag, cams)
+#   STEPS="igos cams" bash bench/gpu_session.sh   # some of the steps (igos, igos_fixed, profile, sag, cams, quirks)
 #
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site).
 # Each benchmark runs under its own time limit so that one hang cannot eat the others; logs
@@ -45,6 +45,9 @@ for name in ${STEPS:-igos sag cams}; do
         profile) step profile 120 $PY -m bench.profile_igos ;;
         sag) step sag "${SAG_LIMIT:-120}" $PY -m bench.sag --repeats 3 "${quick[@]}" ;;
         cams) step cams "${CAMS_LIMIT:-200}" $PY -m bench.cams "${quick[@]}" ;;
+        quirks)  # I-GOS++ at the reference settings over 5 seeds: ours, then the reference's habits
+            step quirks_ours "${QUIRKS_LIMIT:-150}" $PY -m bench.igos_quirks --preset reference --seeds 0 1 2 3 4
+            step quirks_all "${QUIRKS_LIMIT:-150}" $PY -m bench.igos_quirks --preset reference --seeds 0 1 2 3 4 --all ;;
         *) echo "unknown step $name" ;;
     esac
 done

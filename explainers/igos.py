@@ -53,7 +53,11 @@ class IGOSConfig:
     ``line_search_objective``: ``integrated`` evaluates each Armijo candidate on the same noisy
     path images as the gradient (the I-GOS++ reference; ``n`` forwards per term and trial);
     ``endpoint`` evaluates it at ``t = 1`` without noise (the I-GOS paper; one forward per term
-    and trial), far cheaper on a CPU. ``warm_start`` begins each iteration's backtracking at
+    and trial), far cheaper on a CPU. ``line_search_noise`` (integrated objective only):
+    ``shared`` scores the candidates on the gradient's own noisy path images; ``fresh`` (the
+    I-GOS++ reference) draws new noise, from the same seeded generator, for the current point
+    and for every batch of candidates, at the price of one more set of path images per
+    iteration. ``warm_start`` begins each iteration's backtracking at
     the previous accepted step divided by ``backtrack`` (capped at ``step_size``) instead of at
     ``step_size``, saving most trials once the step size has settled.
     """
@@ -75,6 +79,7 @@ class IGOSConfig:
     max_trials: int = 12
     trials_per_batch: int | None = None  # None: 4 on CUDA, 1 on CPU (compute is linear there)
     line_search_objective: Literal["integrated", "endpoint"] = "integrated"
+    line_search_noise: Literal["shared", "fresh"] = "shared"
     warm_start: bool = False  # start backtracking at the last accepted step / backtrack
     max_batch: int | None = None  # images per forward; None: the device's default (explainers.batching)
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -183,9 +188,9 @@ class _MaskSearch:
         # not the lean copy: the search's accept / reject decisions amplify rounding differences,
         # and results should reproduce on the network as loaded
         network = network_for(self.model, images, lean=False)
-        if images.device.type == "cpu" or network is not self.model:
-            # channels-last: the private copy's layout on CUDA; on a CPU the convolutions take
-            # NHWC inputs about 2x faster forward (1.15x forward + backward), same weights
+        if network is not self.model:  # the channels-last private copy on CUDA
+            # (not on a CPU, where NHWC inputs would save ~12 % of an I-GOS++ run: the changed
+            # rounding alone moved SAG's patch order and lost the cat photo's two roots)
             images = images.contiguous(memory_format=torch.channels_last)
         with precision:
             logits = network(images)
@@ -329,7 +334,8 @@ class _MaskSearch:
                 if cfg.warm_start and history_step:
                     start_step = min(cfg.step_size, float(history_step[-1].max()) / cfg.backtrack)
                 step, used = self._line_search(point, grads, objective, inputs, base, target_idx, times, noise,
-                                               edge, dtype, max_batch, trials_per_batch, endpoint, start_step)
+                                               edge, dtype, max_batch, trials_per_batch, endpoint, start_step,
+                                               generator)
                 counts["forward"] += used
             masks = [(p.detach() - step.view(-1, 1, 1, 1) * g).clamp_(0, 1) for p, g in zip(point, grads)]
             history_value.append(objective.detach())
@@ -361,17 +367,23 @@ class _MaskSearch:
                      inputs: torch.Tensor, base: torch.Tensor, targets: torch.Tensor, times: torch.Tensor,
                      noise: torch.Tensor | None, edge: tuple[torch.Tensor, torch.Tensor] | None,
                      dtype: torch.dtype | None, max_batch: int, per_batch: int,
-                     endpoint: torch.Tensor, start_step: float) -> tuple[torch.Tensor, int]:
+                     endpoint: torch.Tensor, start_step: float,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
         """Armijo backtracking per image: the largest ``s = alpha * beta^j`` (j < max_trials)
         with ``F(M_s) <= F(M) - c * g . (M - M_s)`` where ``M_s = clamp(M - s g)`` (the projected
         form of ``c * s * ||g||^2``: components pushed against a bound promise no decrease).
         Candidates go through the network ``per_batch`` at a time. Without an accepted step the
-        smallest tried one is used."""
+        smallest tried one is used. With ``line_search_noise="fresh"`` the current point and
+        every batch of candidates are scored on new noise drawn from ``generator``."""
         cfg = self.config
         batch = inputs.shape[0]
         size = tuple(inputs.shape[-2:])
         integrated = cfg.line_search_objective == "integrated"
         path_times, path_noise = (times, noise) if integrated else (endpoint, None)
+        fresh = path_noise is not None and cfg.line_search_noise == "fresh"
+
+        def draw() -> torch.Tensor:
+            return torch.randn(path_noise.shape, generator=generator, device=inputs.device).mul_(cfg.noise)
         trials = [start_step * cfg.backtrack ** j for j in range(cfg.max_trials)]
         trials = [s for s in trials if s >= cfg.min_step] or trials[:1]
         chosen = torch.full((batch,), trials[-1], device=inputs.device)
@@ -379,17 +391,20 @@ class _MaskSearch:
         used = 0
         with torch.no_grad():
             reference = objective.detach()
-            if not integrated:  # F(M) under the endpoint objective needs its own forward
+            if not integrated or fresh:  # F(M) without the gradient's noise needs its own forwards
                 current = self._term_masks(point, size)[None]
-                values, _ = self._path_scores(current, inputs, base, targets, path_times, None, dtype, max_batch)
+                values, _ = self._path_scores(current, inputs, base, targets, path_times,
+                                              draw() if fresh else None, dtype, max_batch)
                 reference = self.search_term_scale * values[0] + self._regulariser(point, inputs, edge)
-                used += len(self._terms()) * batch
+                used += len(self._terms()) * path_times.numel() * batch
             active = torch.arange(batch, device=inputs.device)
             for start in range(0, len(trials), per_batch):
                 # only images still searching go through the network
                 pick = (lambda t: t) if start == 0 else (lambda t: t[active])
                 sub_point, sub_grads = [pick(p) for p in point], [pick(g) for g in grads]
                 sub_edge = None if edge is None else (pick(edge[0]), pick(edge[1]))
+                if fresh:
+                    path_noise = draw()
                 sub_noise = None if path_noise is None else (path_noise if start == 0 else path_noise[:, :, active])
                 steps = torch.tensor(trials[start:start + per_batch], device=inputs.device)
                 candidates = [[(p - s * g).clamp(0, 1) for p, g in zip(sub_point, sub_grads)] for s in steps.tolist()]

@@ -105,6 +105,21 @@ def test_nesterov_and_endpoint_options_run_and_find_the_region():
         assert float(mask[:4, :4].mean()) < float(mask[4:, 4:].mean()) - 0.2, overrides
 
 
+def test_fresh_line_search_noise_is_seeded_and_costs_one_more_path_per_iteration():
+    model, inputs, baseline = _tiny_case()
+    shared_config = IGOSConfig.for_method("igos++", **{**TINY, "iterations": 3})
+    fresh_config = IGOSConfig.for_method("igos++", **{**TINY, "iterations": 3, "line_search_noise": "fresh"})
+    shared = IGOSPlusPlus(model, shared_config).explain(inputs, 0, baseline=baseline)
+    fresh = [IGOSPlusPlus(model, fresh_config).explain(inputs, 0, baseline=baseline) for _ in range(2)]
+    assert torch.equal(fresh[0].details["mask"], fresh[1].details["mask"])  # drawn from the seeded generator
+    # the line search's draws come from the same generator, so later iterations see other noise
+    assert not torch.equal(fresh[0].details["objective"], shared.details["objective"])
+    assert float(fresh[0].details["mask"][0, :4, :4].mean()) < float(fresh[0].details["mask"][0, 4:, 4:].mean()) - 0.2
+    # the current point is re-scored on its own draw: 4 terms x 4 steps more per iteration, at least
+    path = 4 * TINY["steps"]
+    assert fresh[0].details["images_evaluated"]["forward"] >= 3 * path + 3 * path
+
+
 def test_progress_is_reported_per_iteration_and_can_stop_the_search():
     model, inputs, baseline = _tiny_case()
     calls: list[tuple[int, int]] = []
