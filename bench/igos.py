@@ -90,6 +90,18 @@ def load_images(names: list[str]):
     return {name: Image.fromarray(getattr(data, name)()).convert("RGB") for name in names}
 
 
+def score_both(module, inputs: torch.Tensor, saliency: torch.Tensor, labels: torch.Tensor, baseline: torch.Tensor,
+               info: dict, steps: int) -> tuple[float, float, float, float]:
+    """Deletion and insertion AUC of one map over pixels (trapezoid), then under the papers'
+    protocol (28 x 28 cells, right Riemann sum)."""
+    pixels = deletion_insertion(module, inputs, saliency, labels, steps=steps, baseline=baseline,
+                                baseline_description=info)
+    cells = deletion_insertion(module, inputs, saliency, labels, steps=steps, baseline=baseline,
+                               unit="cell", auc="right")
+    return (float(pixels.deletion_auc[0]), float(pixels.insertion_auc[0]),
+            float(cells.deletion_auc[0]), float(cells.insertion_auc[0]))
+
+
 def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -213,15 +225,10 @@ def main() -> None:
                 saliency, durations = runs[-1][0], [seconds for _, seconds in runs]
                 if saliency is None:
                     continue
-                scores = deletion_insertion(module, inputs, saliency, labels, steps=args.metric_steps,
-                                            baseline=baseline, baseline_description=info)
-                papers = deletion_insertion(module, inputs, saliency, labels, steps=args.metric_steps,
-                                            baseline=baseline, unit="cell", auc="right")
+                aucs = score_both(module, inputs, saliency, labels, baseline, info, args.metric_steps)
                 row = rows[name]
-                row.deletion.append(float(scores.deletion_auc[0]))
-                row.insertion.append(float(scores.insertion_auc[0]))
-                row.cell_deletion.append(float(papers.deletion_auc[0]))
-                row.cell_insertion.append(float(papers.insertion_auc[0]))
+                for values, auc in zip((row.deletion, row.insertion, row.cell_deletion, row.cell_insertion), aucs):
+                    values.append(auc)
                 row.seconds.append(statistics.median(durations))
                 row.seeds.append(seed)
                 print(f"{image_name:10s} {name:30s} seed {seed} del {row.deletion[-1]:.3f} ins {row.insertion[-1]:.3f} "

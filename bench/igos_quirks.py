@@ -34,10 +34,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.igos import IMAGES, load_images
+from bench.igos import IMAGES, load_images, score_both
 from explainers import igos
 from explainers.baselines import make_baseline
-from explainers.metrics import deletion_insertion
 
 
 def inconsistent_edge_weights(inputs: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +58,7 @@ def quirky(align_corners: bool, fresh_noise: bool, plain_armijo: bool) -> type[i
 
         def _line_search(self, point, grads, objective, inputs, base, targets, times, noise, edge, dtype,
                          max_batch, per_batch, endpoint, start_step, generator=None):
-            if not plain_armijo or noise is None:  # fresh noise alone: the config's own option
+            if not plain_armijo or noise is None:  # otherwise the explainer's own (projected) test
                 return super()._line_search(point, grads, objective, inputs, base, targets, times, noise, edge,
                                             dtype, max_batch, per_batch, endpoint, start_step, generator)
             cfg, size, terms = self.config, tuple(inputs.shape[-2:]), len(self._terms())
@@ -80,9 +79,7 @@ def quirky(align_corners: bool, fresh_noise: bool, plain_armijo: bool) -> type[i
                 for _ in range(cfg.max_trials):
                     candidate = [(p - step * g).clamp(0, 1) for p, g in zip(point, grads)]
                     used += terms * times.numel()
-                    promised = (step * squared if plain_armijo else
-                                sum(((p - q) * g).flatten(1).sum(1) for p, q, g in zip(point, candidate, grads)))
-                    if bool((value(candidate) <= reference - cfg.armijo * promised).all()) or step < cfg.min_step:
+                    if bool((value(candidate) <= reference - cfg.armijo * step * squared).all()) or step < cfg.min_step:
                         break
                     step *= cfg.backtrack
             return torch.full((inputs.shape[0],), step, device=inputs.device), used
@@ -129,12 +126,9 @@ def main() -> None:
             explanation = kind(model.module, config).explain(inputs, target, baseline=baseline)
             seconds = time.perf_counter() - started
             labels = torch.tensor([target], device=device)
-            cells = deletion_insertion(model.module, inputs, explanation.saliency, labels, steps=50,
-                                       baseline=baseline, unit="cell", auc="right")
-            pixels = deletion_insertion(model.module, inputs, explanation.saliency, labels, steps=50,
-                                        baseline=baseline, baseline_description=info)
-            row = [float(cells.deletion_auc[0]), float(cells.insertion_auc[0]),
-                   float(pixels.deletion_auc[0]), float(pixels.insertion_auc[0])]
+            pixel_del, pixel_ins, cell_del, cell_ins = score_both(model.module, inputs, explanation.saliency,
+                                                                  labels, baseline, info, steps=50)
+            row = [cell_del, cell_ins, pixel_del, pixel_ins]
             scores.append(row)
             print(json.dumps({"seed": seed, "image": name, "cells": row[:2], "pixels": row[2:],
                               "s": round(seconds, 2)}), flush=True)

@@ -383,7 +383,7 @@ class _MaskSearch:
         fresh = path_noise is not None and cfg.line_search_noise == "fresh"
 
         def draw() -> torch.Tensor:
-            return torch.randn(path_noise.shape, generator=generator, device=inputs.device).mul_(cfg.noise)
+            return torch.randn(noise.shape, generator=generator, device=inputs.device).mul_(cfg.noise)
         trials = [start_step * cfg.backtrack ** j for j in range(cfg.max_trials)]
         trials = [s for s in trials if s >= cfg.min_step] or trials[:1]
         chosen = torch.full((batch,), trials[-1], device=inputs.device)
