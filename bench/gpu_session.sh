@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_session.sh            # full: I-GOS/I-GOS++, SAG, Grad-CAM/Score-CAM
 #   QUICK=1 bash bench/gpu_session.sh    # smoke run of the same steps (also works on a CPU)
-#   STEPS="igos cams" bash bench/gpu_session.sh   # some of the steps (igos, igos_fixed, profile, sag, cams, quirks)
+#   STEPS="igos cams" bash bench/gpu_session.sh   # some of the steps (igos, igos_tuned, profile, sag, cams, quirks,
+#                                                 # variants, variants_compile)
 #
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site).
 # Each benchmark runs under its own time limit so that one hang cannot eat the others; logs
@@ -40,9 +41,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, show i
 for name in ${STEPS:-igos sag cams}; do
     case $name in
         igos) step igos "${IGOS_LIMIT:-200}" $PY -m bench.igos --repeats 3 --speed-models convnext_tiny "${quick[@]}" ;;
-        igos_fixed) step igos_fixed "${IGOS_LIMIT:-200}" $PY -m bench.igos --repeats 3 --speed-models convnext_tiny \
-            --no-cudnn-benchmark --images chelsea coffee --no-docs "${quick[@]}" ;;
+        igos_tuned) step igos_tuned "${IGOS_LIMIT:-200}" $PY -m bench.igos --repeats 3 --speed-models convnext_tiny \
+            --cudnn-benchmark --images chelsea coffee --no-docs "${quick[@]}" ;;
         profile) step profile 120 $PY -m bench.profile_igos ;;
+        variants) step variants "${VARIANTS_LIMIT:-150}" $PY -m bench.igos_variants --repeats 3 \
+            --variants as_loaded default fp16 nchw "${quick[@]}" ;;
+        variants_compile) step variants_compile "${COMPILE_LIMIT:-200}" $PY -m bench.igos_variants --repeats 3 \
+            --variants default compile "${quick[@]}" ;;
         sag) step sag "${SAG_LIMIT:-120}" $PY -m bench.sag --repeats 3 "${quick[@]}" ;;
         cams) step cams "${CAMS_LIMIT:-200}" $PY -m bench.cams "${quick[@]}" ;;
         quirks)  # I-GOS++ at the reference settings over 5 seeds: ours, then the reference's habits

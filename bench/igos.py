@@ -269,7 +269,7 @@ def main() -> None:
         f"{torch.get_num_threads()} torch threads, GPU: {gpu}, torch {torch.__version__}",
         f"- command: `python -m bench.igos {' '.join(sys.argv[1:])}`",
         f"- model efficientnet_lite0 on {device.type}"
-        + (f" (cuDNN kernels timed per shape: {args.cudnn_benchmark}, channels-last bf16 copy)"
+        + (f" (cuDNN kernels timed per shape: {args.cudnn_benchmark}, batch norm folded, channels-last, bf16)"
            if device.type == "cuda" else "") + f"; images: {', '.join(args.images)}; target: top-1",
         f"- protocol: blurred baseline (kernel 51, sigma 50 at 224), softmax probability, "
         f"{args.metric_steps} steps, stable sort, trapezoidal AUC over pixels; the papers' protocol column: "

@@ -187,6 +187,39 @@ def network_for(module: nn.Module, example: torch.Tensor, lean: bool = True) -> 
         return module
 
 
+class CompiledOrEager:
+    """``torch.compile`` of a network (one compile per input shape, autograd included) that
+    falls back to the network itself, for good and logged once, when compiling fails."""
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network
+        self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = torch.compile(network, dynamic=False)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(images)
+            except Exception as exc:  # a compiler missing or failing: never fail a job over speed
+                logger.warning("torch.compile unavailable for %s, running eagerly: %s", type(self.network).__name__, exc)
+                self.compiled = None
+        return self.network(images)
+
+
+# (each wrapper keeps its network alive: compiled networks live as long as the process, like
+# the served models whose copies they wrap)
+_compiled: "weakref.WeakKeyDictionary[nn.Module, CompiledOrEager]" = weakref.WeakKeyDictionary()
+
+
+def compiled_network(network: nn.Module) -> CompiledOrEager:
+    """The cached :class:`CompiledOrEager` of ``network`` (I-GOS on CUDA with
+    ``UNBOX_FAST_COMPILE``: compiled once per batch shape, then reused by every job)."""
+    with _cache_lock:
+        wrapper = _compiled.get(network)
+        if wrapper is None:
+            wrapper = _compiled[network] = CompiledOrEager(network)
+        return wrapper
+
+
 def _cached(module: nn.Module, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
     with _cache_lock:
         table = _runners.setdefault(module, {})

@@ -7,7 +7,8 @@ bias (``w' = w * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta`
 That saves one pass over every feature map: efficientnet_lite0 forwards on the 2-core CPU took
 18 instead of 28 ms per image on random inputs, 11-14 instead of 14-16 ms on SAG's patch images
 (2026-11-26); on an H200 unfused batch norm was a fifth of the device time of an I-GOS++ run.
-I-GOS itself keeps the network as loaded: its accept / reject steps amplify rounding.
+I-GOS uses the copy only under reduced precision (CUDA, bf16): in float32 its accept / reject
+steps amplify folding's rounding into a different mask.
 
 Which batch norm follows which convolution is read off one traced forward (the batch norm's
 input is the very tensor the convolution returned), so no architecture is hard-coded; timm's
@@ -18,10 +19,12 @@ convolution output that also feeds a residual, TorchScript) is simply scored as 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
 import weakref
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -77,6 +80,20 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return twin
 
 
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Full float32 convolutions and matrix products on CUDA for the duration (no TF32). The
+    fold check must measure folding's own rounding (~1e-6); under TF32 (cuDNN's default for
+    float32 convolutions) the two networks differed by 2.4-2.6e-3 on noisy I-GOS path images on
+    an H200 and the lean copy was refused."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def fold_batch_norms(model: nn.Module, example: torch.Tensor, tolerance: float = 1e-3) -> nn.Module | None:
     """A frozen eval-mode copy of ``model`` with batch norms folded into their convolutions,
     or ``None`` when nothing folds or the copy's logits on ``example`` differ from the
@@ -86,7 +103,7 @@ def fold_batch_norms(model: nn.Module, example: torch.Tensor, tolerance: float =
     pairs = _conv_batchnorm_pairs(twin, example)
     if not pairs:
         return None
-    with torch.no_grad():
+    with torch.no_grad(), ieee_float32():
         expected = twin(example).float()
         for conv_name, norm_name in pairs:
             norm = twin.get_submodule(norm_name)
@@ -121,4 +138,4 @@ def lean_network(model: nn.Module, example: torch.Tensor) -> nn.Module:
         return lean
 
 
-__all__ = ["fold_batch_norms", "frozen_copy", "lean_network"]
+__all__ = ["fold_batch_norms", "frozen_copy", "ieee_float32", "lean_network"]

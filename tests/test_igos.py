@@ -120,6 +120,34 @@ def test_fresh_line_search_noise_is_seeded_and_costs_one_more_path_per_iteration
     assert fresh[0].details["images_evaluated"]["forward"] >= 3 * path + 3 * path
 
 
+def test_lean_network_only_under_reduced_precision_unless_asked(default_model, chelsea):
+    inputs, _ = default_model.preprocessor.to_input(chelsea)
+    module = default_model.module
+    auto = IGOSPlusPlus(module, IGOSConfig.for_method("igos++"))
+    assert auto._network(inputs, None) is module  # float32: the network as loaded
+    lean = auto._network(inputs, torch.bfloat16)
+    assert lean is not module and not any(isinstance(m, nn.BatchNorm2d) for m in lean.modules())
+    assert IGOSPlusPlus(module, IGOSConfig.for_method("igos++", network="lean"))._network(inputs, None) is lean
+    assert IGOSPlusPlus(module, IGOSConfig.for_method("igos++", network="as_loaded"))._network(
+        inputs, torch.bfloat16) is module
+
+
+def test_compile_acts_on_cuda_only_and_falls_back_to_eager(caplog):
+    from explainers.fastpath import CompiledOrEager
+
+    model, inputs, _ = _tiny_case()
+    explainer = IGOSPlusPlus(model, IGOSConfig.for_method("igos++", **TINY, compile=True))
+    assert explainer._network(inputs, None) is model  # a CPU: the network itself, never compiled
+    wrapper = CompiledOrEager(model)
+
+    def broken(_images: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("no compiler here")
+
+    wrapper.compiled = broken
+    assert torch.equal(wrapper(inputs), model(inputs))  # eager answer, not an error
+    assert wrapper.compiled is None and "running eagerly" in caplog.text
+
+
 def test_progress_is_reported_per_iteration_and_can_stop_the_search():
     model, inputs, baseline = _tiny_case()
     calls: list[tuple[int, int]] = []
@@ -263,7 +291,7 @@ def test_job_params_default_to_the_papers_and_take_the_cpu_preset():
 JOB_PARAMS = dict(preset="cpu", mask_size=7, iterations=2, steps=2, optimizer="nesterov", step_size=1.0, metric_steps=4)
 
 
-def test_job_runs_directly_with_a_fake_reporter(default_model, chelsea):
+def test_job_runs_directly_with_a_fake_reporter(default_model, chelsea, monkeypatch):
     import base64
     import io
 
@@ -272,6 +300,7 @@ def test_job_runs_directly_with_a_fake_reporter(default_model, chelsea):
     from workers.method_igos import IGOSPlusPlusParams
     from workers.methods import get_method
 
+    monkeypatch.setenv("UNBOX_FAST_COMPILE", "true")  # workers' switch reaches the explainer (a no-op on a CPU)
     method = get_method("igos++")
     reports: list[tuple[float, str]] = []
     params = IGOSPlusPlusParams(**JOB_PARAMS, metric_unit="cell", metric_cells=7, metric_auc="right")
@@ -289,6 +318,7 @@ def test_job_runs_directly_with_a_fake_reporter(default_model, chelsea):
     assert "right Riemann" in metrics["protocol"]["auc"] and result["params"]["metric_auc"] == "right"
     assert 0.0 <= metrics["deletion_auc"] <= 1.0 and 0.0 <= metrics["insertion_auc"] <= 1.0
     assert result["params"]["iterations"] == 2 and result["params"]["warm_start"] is True
+    assert result["params"]["compile"] is True and result["params"]["network"] == "auto"
     assert result["timing_ms"]["total"] > 0
 
 

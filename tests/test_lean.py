@@ -55,6 +55,32 @@ def test_a_model_folding_would_change_is_scored_as_it_is():
     assert lean_network(model, example) is model
 
 
+class TF32Probe(nn.Module):
+    """Records the TF32 switches whenever it runs (a class-level list: copies share it)."""
+
+    seen: list[tuple[bool, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        TF32Probe.seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return x
+
+
+def test_the_fold_check_compares_in_full_float32_and_restores_tf32():
+    """On CUDA, cuDNN runs float32 convolutions in TF32 by default (~1e-3 relative error), which
+    made the check refuse the lean copy on an H200; the check must run without it."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), TF32Probe(), nn.Flatten()).eval()
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    TF32Probe.seen.clear()
+    try:
+        assert fold_batch_norms(model, torch.randn(1, 3, 6, 6)) is not None
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    # the pairing forward may run with TF32; both forwards the comparison rests on must not
+    assert len(TF32Probe.seen) >= 2 and TF32Probe.seen[-2:] == [(False, False), (False, False)]
+
+
 def test_lean_copy_is_cached_per_model():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten()).eval()
     example = torch.randn(1, 3, 6, 6, generator=torch.Generator().manual_seed(2))

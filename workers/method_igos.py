@@ -14,7 +14,7 @@ used and the time taken.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -81,7 +81,8 @@ def run_igos(method: str, model: Any, image: Any, target: int | None, params: IG
              report: ProgressReporter) -> dict[str, Any]:
     """Optimise, score and render one image; ``report`` may raise ``JobCanceled`` per iteration."""
     started = time.perf_counter()
-    config = params.to_config()
+    settings = load_core_settings()
+    config = replace(params.to_config(), compile=settings.fast_compile)
     report(0.0, "preparing")
     inputs, _ = model.preprocessor.to_input(image)
     baseline, baseline_info = make_baseline(inputs, config.baseline)
@@ -98,8 +99,7 @@ def run_igos(method: str, model: Any, image: Any, target: int | None, params: IG
                                       baseline_description=baseline_info, unit=params.metric_unit,
                                       cells=params.metric_cells, auc=params.metric_auc)
     scored = time.perf_counter()
-    pictures = render_pictures(image, explanation.saliency[0], model.preprocessor,
-                               load_core_settings().overlay_max_side)
+    pictures = render_pictures(image, explanation.saliency[0], model.preprocessor, settings.overlay_max_side)
     logits = explanation.logits[0]
     target_index = int(explanation.targets[0])
     mask = explanation.details["mask"][0]

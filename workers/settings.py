@@ -33,8 +33,9 @@ class CoreSettings(BaseSettings):
     catalog: Path | None = Field(None, description="TOML catalogue file adding models")
     overlay_max_side: int = Field(1024, ge=16, le=8192)
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads; default torch's")
-    cudnn_benchmark: bool = Field(True, description="let cuDNN time its kernels per input shape (CUDA): "
-                                  "5-10 % off I-GOS++ on an H200; the first request of a shape pays")
+    cudnn_benchmark: bool = Field(False, description="let cuDNN time its kernels per input shape (CUDA): "
+                                  "about 5 % off I-GOS++ on an H200, but the first request of every new "
+                                  "batch shape pays seconds (SAG's first run on one photo took over 80 s)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # --- Score-CAM and the GPU fast path (API and workers run the same explainers) ---
@@ -45,7 +46,8 @@ class CoreSettings(BaseSettings):
     fast_precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="autocast precision of explainer forwards: auto = fp16 on CUDA, fp32 on the CPU")
     fast_channels_last: bool = Field(True, description="NHWC inputs/weights for explainer forwards")
-    fast_compile: bool = Field(False, description="torch.compile the fixed-shape forwards (CUDA only)")
+    fast_compile: bool = Field(False, description="torch.compile the fixed-shape forwards and I-GOS's "
+                               "network (CUDA only; workers compile I-GOS at start-up, ~35 s per shape)")
     fast_cuda_graphs: bool = Field(True, description="CUDA-graph replay of fixed-shape forwards and "
                                    "Grad-CAM's forward + backward (CUDA only)")
     fast_warmup: bool = Field(True, description="compile/capture at start-up so no request pays for it")

@@ -33,3 +33,23 @@ def warm_fast_paths(model: Any, settings: CoreSettings) -> None:
         logger.info("model %s fast paths warmed in %.1f s", model.name, time.perf_counter() - started)
     except Exception as exc:
         logger.warning("model %s fast-path warm-up failed (it runs eagerly): %s", model.name, exc)
+
+
+def warm_igos_compile(model: Any, settings: CoreSettings) -> None:
+    """With ``UNBOX_FAST_COMPILE`` on CUDA, compile I-GOS's network for the batch shapes of the
+    default igos and igos++ jobs (one iteration of each on a noise image), so that the first
+    job does not pay the ~35 s. Workers only: the API runs no I-GOS. A failure only means
+    eager execution."""
+    if not (settings.fast_compile and settings.fast_warmup and model.device.type == "cuda"):
+        return
+    from explainers.igos import IGOSConfig, make_igos
+
+    started = time.perf_counter()
+    try:
+        size = model.spec.input_size
+        noise = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(model.device)
+        for method in ("igos++", "igos"):
+            make_igos(method, model.module, IGOSConfig.for_method(method, iterations=1, compile=True)).explain(noise)
+        logger.info("model %s I-GOS network compiled in %.1f s", model.name, time.perf_counter() - started)
+    except Exception as exc:
+        logger.warning("model %s I-GOS compile warm-up failed (it runs eagerly): %s", model.name, exc)

@@ -29,7 +29,7 @@ from workers.jobqueue import connect, heartbeat_ttl, job_queue, job_view, reap_a
 from workers.methods import load_builtin_methods
 from workers.runtime import WorkerRuntime, use_runtime
 from workers.settings import CoreSettings, SettingsError
-from workers.warmup import warm_fast_paths
+from workers.warmup import warm_fast_paths, warm_igos_compile
 from workers.webhooks import WebhookSender, event_for, schedule
 
 logger = logging.getLogger("unbox.worker")
@@ -153,6 +153,7 @@ def run_worker(settings: CoreSettings, burst: bool = False) -> int:
     for name in settings.models:
         started = time.perf_counter()
         warm_fast_paths(registry.get(name), settings)
+        warm_igos_compile(registry.get(name), settings)
         logger.info("model %s warm on %s in %.1f s", name, registry.device, time.perf_counter() - started)
     connection = connect(settings.redis_url, settings.redis_timeout_s)
     _wait_for_redis(connection, settings.redis_url)
