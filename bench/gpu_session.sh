@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU figure the issues ask for, in one call on a lent GPU machine (see docs/benchmarks.md).
 #
-#   bash bench/gpu_session.sh            # full: I-GOS/I-GOS++, SAG, Grad-CAM/Score-CAM
+#   bash bench/gpu_session.sh            # I-GOS++ variants and seeds, SAG, CAMs, compiled I-GOS++
+#                                        # (about 9 minutes on an H200 on 2026-11-26; a task's device
+#                                        # budget is 15 minutes, machine start included)
 #   QUICK=1 bash bench/gpu_session.sh    # smoke run of the same steps (also works on a CPU)
 #   STEPS="igos cams" bash bench/gpu_session.sh   # some of the steps (igos, igos_tuned, profile, sag, cams, quirks,
 #                                                 # variants, variants_compile)
@@ -38,7 +40,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, show i
     tail -n "${TAIL:-22}" "$OUT/$name.log"
 }
 
-for name in ${STEPS:-igos sag cams}; do
+for name in ${STEPS:-variants quirks sag cams variants_compile}; do
     case $name in
         igos) step igos "${IGOS_LIMIT:-200}" $PY -m bench.igos --repeats 3 --speed-models convnext_tiny "${quick[@]}" ;;
         igos_tuned) step igos_tuned "${IGOS_LIMIT:-200}" $PY -m bench.igos --repeats 3 --speed-models convnext_tiny \
