@@ -47,7 +47,7 @@ for name in ${STEPS:-variants quirks sag cams variants_compile}; do
             --cudnn-benchmark --images chelsea coffee --no-docs "${quick[@]}" ;;
         profile) step profile 120 $PY -m bench.profile_igos ;;
         variants) step variants "${VARIANTS_LIMIT:-150}" $PY -m bench.igos_variants --repeats 3 \
-            --variants as_loaded default fp16 nchw "${quick[@]}" ;;
+            --variants as_loaded default fp16 "${quick[@]}" ;;
         variants_compile) step variants_compile "${COMPILE_LIMIT:-200}" $PY -m bench.igos_variants --repeats 3 \
             --variants default compile "${quick[@]}" ;;
         sag) step sag "${SAG_LIMIT:-120}" $PY -m bench.sag --repeats 3 "${quick[@]}" ;;

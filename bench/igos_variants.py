@@ -13,15 +13,13 @@ through the network:
 * ``default``: the service default, batch norm folded into the convolutions on CUDA
   (``IGOSConfig(network="auto")``, :mod:`explainers.lean`);
 * ``fp16``: ``default`` in float16 autocast with a fixed gradient scale;
-* ``nchw``: ``default`` with the lean copy and the images in NCHW order (depthwise
-  convolutions then need no layout change);
 * ``compile``: ``default`` through ``torch.compile`` (``IGOSConfig(compile=True)``, the workers'
   ``UNBOX_FAST_COMPILE``; compiled on the warm-up).
 
 H200, 2026-11-26 (docs/benchmarks.md): ``default`` 0.72 s against ``as_loaded`` 0.90 s per
 image; compiling the network as loaded (then a subclass here, the same ``torch.compile`` call)
-took 0.83 -> 0.57 s in its own run; float16 and NCHW were
-no faster. A tried "predicted first candidate batch" (scoring candidates up to the previous
+took 0.83 -> 0.57 s in its own run; float16 was no faster, and neither was NCHW order (a variant
+since removed). A tried "predicted first candidate batch" (scoring candidates up to the previous
 iteration's accepted trial first) cut the forward images by 8 % but was slower (more, smaller
 forwards) and was removed.
 
@@ -45,50 +43,17 @@ from bench.common import add_cudnn_flag, apply_cudnn_flag, machine_info
 from bench.igos import DOCS, IMAGES, load_images, score_both, timed
 from explainers import igos
 from explainers.baselines import make_baseline
-from explainers.lean import fold_batch_norms
 
-VARIANTS = ("as_loaded", "default", "fp16", "nchw", "compile")
-
-
-def nchw_lean(base: type[igos.IGOSPlusPlus]) -> type[igos.IGOSPlusPlus]:
-    """``base`` scoring on a lean copy kept in NCHW order, fed NCHW images."""
-
-    class NCHW(base):  # type: ignore[misc, valid-type]
-        _copy: torch.nn.Module | None = None
-
-        def _network(self, images, dtype):
-            if self._copy is None:
-                self._copy = fold_batch_norms(self.model, images[:1]) or self.model
-            return self._copy
-
-        def _probabilities(self, images, targets, dtype):
-            network = self._network(images, dtype)  # folded and checked outside autocast
-            with torch.autocast(device_type=images.device.type, dtype=dtype, enabled=dtype is not None):
-                logits = network(images.contiguous())
-            return logits.float().softmax(dim=1).gather(1, targets[:, None])[:, 0]
-
-    return NCHW
-
-
-def make_variant(name: str, module: torch.nn.Module, config: igos.IGOSConfig) -> igos.IGOSPlusPlus:
-    """The explainer for variant ``name`` on ``module`` (``config`` = the settings all share)."""
-    if name == "as_loaded":
-        return igos.IGOSPlusPlus(module, replace(config, network="as_loaded"))
-    if name == "default":
-        return igos.IGOSPlusPlus(module, config)
-    if name == "fp16":
-        return igos.IGOSPlusPlus(module, replace(config, precision="float16"))
-    if name == "nchw":
-        return nchw_lean(igos.IGOSPlusPlus)(module, config)
-    if name == "compile":
-        return igos.IGOSPlusPlus(module, replace(config, compile=True))
-    raise ValueError(f"unknown variant {name!r}")
+# each variant = the IGOSConfig fields it changes from the shared reference settings
+VARIANTS: dict[str, dict[str, object]] = {
+    "as_loaded": {"network": "as_loaded"}, "default": {}, "fp16": {"precision": "float16"}, "compile": {"compile": True},
+}
 
 
 def run_variant(name: str, module, photos: dict, config: igos.IGOSConfig, device: torch.device,
                 repeats: int, metric_steps: int) -> dict:
     """Seconds, images and papers'-protocol AUCs of one variant over the photos."""
-    explainer = make_variant(name, module, config)
+    explainer = igos.IGOSPlusPlus(module, replace(config, **VARIANTS[name]))  # type: ignore[arg-type]
     seconds, deletion, insertion, images = [], [], [], []
     warm_started = time.perf_counter()
     for index, (photo, (inputs, target)) in enumerate(photos.items()):

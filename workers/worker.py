@@ -152,8 +152,9 @@ def run_worker(settings: CoreSettings, burst: bool = False) -> int:
     registry = ModelRegistry(load_catalog(settings.catalog), settings.resolved_device())
     for name in settings.models:
         started = time.perf_counter()
-        warm_fast_paths(registry.get(name), settings)
-        warm_igos_compile(registry.get(name), settings)
+        model = registry.get(name)
+        warm_fast_paths(model, settings)
+        warm_igos_compile(model, settings)
         logger.info("model %s warm on %s in %.1f s", name, registry.device, time.perf_counter() - started)
     connection = connect(settings.redis_url, settings.redis_timeout_s)
     _wait_for_redis(connection, settings.redis_url)
