@@ -36,7 +36,7 @@ from workers.jobqueue import (TERMINAL, connect, fetch_job, is_stale, job_queue,
                               request_cancel)
 from workers.methods import JobMethod, load_builtin_methods, method_timeout
 from workers.payload import RUN_JOB, JobPayload, idempotency_key, image_key, png_bytes
-from workers.webhooks import check_callback_url, event_for, schedule
+from workers.webhooks import check_callback_url, end_event_once, event_for, schedule
 
 logger = logging.getLogger("unbox.jobs")
 
@@ -252,7 +252,8 @@ class JobsClient:
     def _schedule_webhook(self, connection: redis.Redis, job: Job) -> None:
         url = (job.kwargs.get("payload") or {}).get("callback_url")
         if url:
-            schedule(connection, url, event_for(job_view(job, with_result=False)))
+            view = job_view(job, with_result=False)
+            schedule(connection, url, event_for(view), once=end_event_once(job.id, view["status"]))
 
 
 # ----- routes -------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ Side by side in one run: ours as the service runs it (every search step, minimis
 graph level one batched forward; scores cached by patch set) and the same search with one image
 per forward (``max_batch=1``: the reference's way of running the network, with our cache). The
 forward counts are images through the network; "asked" counts the patch sets the algorithm
-requested (what an implementation without a cache would evaluate). Times are the median of
+requested (what an implementation without a cache would evaluate). Where scoring is incremental
+(a CPU by default: one-patch changes through a crop of the early layers), the same search with
+every image through the whole network runs beside it ("whole-forward"). Times are the median of
 ``--repeats`` runs after one untimed explanation of the first photo; on CUDA every run ends
 with a device sync (the search's per-step score copy already syncs).
 """
@@ -60,7 +62,8 @@ class Row:
     result: SAGResult
     seconds: float
     unbatched_seconds: float | None
-    first_seconds: float  # the first run in the process for this photo (new batch shapes pay there)
+    first_seconds: float
+    whole_seconds: float | None  # the same search with every image through the whole network  # the first run in the process for this photo (new batch shapes pay there)
 
     @property
     def forward(self) -> dict[str, int]:
@@ -81,18 +84,29 @@ def run_once(sag: SAG, inputs: torch.Tensor) -> tuple[SAGResult, float]:
 
 def bench_photo(name: str, model, config: SAGConfig, args: argparse.Namespace) -> Row:
     inputs, _ = model.preprocessor.to_input(photo(name))
-    sag = SAG(model.module, config, layer=model.default_layer, mean=model.spec.mean, std=model.spec.std)
+
+    def explainer(**changes: object) -> SAG:
+        return SAG(model.module, replace(config, **changes), layer=model.default_layer, mean=model.spec.mean,
+                   std=model.spec.std)
+
+    sag = explainer()
     with torch.inference_mode():  # warm-up: allocator, kernels
         model.module(inputs.contiguous(memory_format=torch.channels_last))
-    runs = [run_once(sag, inputs) for _ in range(args.repeats)]
+    runs = [run_once(sag, inputs)]
+    # the whole-forward comparison alternates with ours run by run, so that a shared machine's
+    # drifting speed falls on both alike
+    plain = explainer(incremental="off") if args.whole and runs[0][0].details["incremental"] else None
+    whole_runs = []
+    for _ in range(args.repeats - 1 if plain is None else args.repeats):
+        if plain is not None:
+            whole_runs.append(run_once(plain, inputs)[1])
+        if len(runs) < args.repeats:
+            runs.append(run_once(sag, inputs))
     result = runs[-1][0]
     seconds = statistics.median(t for _, t in runs)
-    unbatched = None
-    if args.unbatched:
-        single = SAG(model.module, replace(config, max_batch=1), layer=model.default_layer,
-                     mean=model.spec.mean, std=model.spec.std)
-        unbatched = run_once(single, inputs)[1]
-    return Row(name, model.labels[result.target], result, seconds, unbatched, runs[0][1])
+    unbatched = run_once(explainer(max_batch=1), inputs)[1] if args.unbatched else None
+    whole = statistics.median(whole_runs) if whole_runs else None
+    return Row(name, model.labels[result.target], result, seconds, unbatched, runs[0][1], whole)
 
 
 def busy() -> bool:
@@ -115,9 +129,10 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 def table(rows: list[Row], device: torch.device) -> str:
     lines = ["| photo (target) | ordering | roots (sizes) | graph nodes / edges | images (asked) / batches "
-             "| ordering s | search s | graph s | total s | first run s | batch-1 total s | batch gain "
+             "| incremental images | ordering s | search s | graph s | total s | first run s | whole-forward total s "
+             "| incremental gain | batch-1 total s | batch gain "
              "| reference root search s | reference / ours (search) | reference / ours (total) |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         f, t = r.forward, r.phase_s
         sizes = ",".join(str(len(root.patches)) for root in r.result.roots) or "none"
@@ -132,8 +147,9 @@ def table(rows: list[Row], device: torch.device) -> str:
         lines.append(
             f"| {r.image} ({r.label}) | {r.result.ordering} | {len(r.result.roots)} ({sizes}) | "
             f"{len(r.result.nodes)} / {len(r.result.edges)}{' (capped)' if r.result.truncated else ''} | "
-            f"{f['images']} ({f['requested_sets']}) / {f['scorer_batches'] + 1} | {fmt(t['ordering'])} | "
-            f"{fmt(t['search'])} | {fmt(t['graph'])} | {fmt(r.seconds)} | {fmt(r.first_seconds)} | "
+            f"{f['images']} ({f['requested_sets']}) / {f['scorer_batches'] + 1} | {f.get('incremental_images', 0)} | "
+            f"{fmt(t['ordering'])} | {fmt(t['search'])} | {fmt(t['graph'])} | {fmt(r.seconds)} | {fmt(r.first_seconds)} | "
+            f"{fmt(r.whole_seconds)} | {fmt(r.whole_seconds / r.seconds if r.whole_seconds else None, 2)} | "
             f"{fmt(r.unbatched_seconds)} | "
             f"{fmt(gain, 1)} | {ref_text} | {fmt(reference / search_s if reference else None, 1)} | "
             f"{fmt(reference / r.seconds if reference else None, 1)} |")
@@ -176,13 +192,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-unbatched", dest="unbatched", action="store_false",
                         help="skip the batch-size-1 comparison run")
     parser.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks.md")
+    parser.add_argument("--incremental", choices=["auto", "on", "off"], default="auto",
+                        help="incremental scoring of one-patch changes (auto: on a CPU)")
+    parser.add_argument("--no-whole", dest="whole", action="store_false",
+                        help="skip the same search with whole forwards (run when scoring is incremental)")
     parser.add_argument("--quick", action="store_true", help="the cat photo, one run, no batch-1 run")
     add_cudnn_flag(parser)
     args = parser.parse_args(argv)
     apply_cudnn_flag(args)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     if args.quick:
-        args.images, args.repeats, args.unbatched = ["chelsea"], 1, False
+        args.images, args.repeats, args.unbatched, args.whole = ["chelsea"], 1, False, False
     return args
 
 
@@ -194,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
                           else "cpu" if args.device == "auto" else args.device)
     info = machine(device)
     model = ModelRegistry(load_catalog(None), str(device)).get("efficientnet_lite0")
-    config = SAGConfig(ordering=args.ordering, baseline=args.baseline)
+    config = SAGConfig(ordering=args.ordering, baseline=args.baseline, incremental=args.incremental)
     first, _ = model.preprocessor.to_input(photo(args.images[0]))
     # warm-up: one whole explanation, so that kernel/primitive set-up for every batch shape
     # (oneDNN on a CPU, cuDNN on CUDA) is not charged to the first photo

@@ -331,6 +331,7 @@ class _MaskSearch:
         masks = [torch.ones(batch, 1, cfg.mask_size, cfg.mask_size, device=device) for _ in range(self.num_masks)]
         previous = [m.clone() for m in masks]
         history_value, history_step = [], []
+        direction: list[torch.Tensor] = []
         counts = {"forward_backward": 0, "forward": 0}
 
         for iteration in range(cfg.iterations):
@@ -365,6 +366,7 @@ class _MaskSearch:
                                                generator)
                 counts["forward"] += used
             masks = [(p.detach() - step.view(-1, 1, 1, 1) * g).clamp_(0, 1) for p, g in zip(point, grads)]
+            direction = [g.detach() for g in grads]
             history_value.append(objective.detach())
             history_step.append(step)
             del leaves, term_masks, grad_terms, grads, noise
@@ -378,6 +380,9 @@ class _MaskSearch:
         details = {
             "mask": final,
             "masks": {name: m[:, 0] for name, m in zip(self._mask_names(), masks)},
+            # the last iteration's descent direction per mask (d objective / d mask; positive =
+            # lowering the mask helps): what a tiny step moves the mask along
+            "directions": {name: g[:, 0] for name, g in zip(self._mask_names(), direction)},
             "baseline": base_info,
             "config": asdict(cfg),
             "objective": torch.stack(history_value, dim=1) if history_value else torch.empty(batch, 0),

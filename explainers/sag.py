@@ -7,7 +7,8 @@ in the paper, or a blurred copy). A set's score is the softmax probability of th
 a set *suffices* when its score is ``>= threshold x`` the full image's score.
 
 1. Patch order: a coarse importance per patch (I-GOS when ``explainers.igos`` works, else
-   Grad-CAM or single-patch deletion) ranks the candidates. The ordering used is recorded.
+   Grad-CAM or single-patch deletion) ranks the candidates; I-GOS's ties (a mask its line
+   search barely moved) are broken by its descent direction. The ordering used is recorded.
 2. Beam search from the empty set: every state proposes its ``successors`` most important
    unused patches; candidates over the threshold are minimised greedily (drop the patch whose
    removal keeps the highest score while staying over it, until no single removal does) and
@@ -21,12 +22,15 @@ a set *suffices* when its score is ``>= threshold x`` the full image's score.
 
 Speed: each search step, minimisation round and graph level is ONE batched forward (chunked
 at ``max_batch``) in inference mode with channels-last input; scores are cached by patch set;
-on CUDA half precision is used when it reproduces the full-image score. The number of images
-and batched forwards is part of the result.
+on CUDA half precision is used when it reproduces the full-image score. On a CPU every set one
+patch away from a set scored before is scored incrementally (``explainers.incremental``: only
+a crop around the changed patch goes through the network's early layers; checked against whole
+forwards on its first batch). The number of images and batched forwards is part of the result.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -41,7 +45,10 @@ from torch import nn
 from explainers.batching import images_per_forward
 from explainers.errors import ExplainError
 from explainers.fastpath import network_for
+from explainers.incremental import IncrementalForward, known_layout
 from explainers.result import resolve_targets
+
+logger = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
 Ordering = Literal["auto", "igos", "gradcam", "occlusion"]
@@ -69,6 +76,9 @@ class SAGConfig:
     ordering: Ordering = "auto"
     max_batch: int | None = None  # images per forward; None: the device's default
     reduced_precision: bool = True
+    # one-patch changes scored through a crop of the network's local prefix
+    # (explainers.incremental); auto: on a CPU, where a forward's cost is its pixel count
+    incremental: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -163,7 +173,14 @@ def make_baseline(kind: str, inputs: torch.Tensor, mean: torch.Tensor, std: torc
 
 
 class PatchScorer:
-    """Scores patch sets (bitmask keys) in batched forwards, caching every score by key."""
+    """Scores patch sets (bitmask keys) in batched forwards, caching every score by key.
+
+    With :meth:`use_incremental`, a set one patch away from a set scored before runs only the
+    changed patch's neighbourhood through the network's early layers
+    (:class:`explainers.incremental.IncrementalForward`); the first such batch is checked
+    against whole forwards, and the scorer falls back to whole forwards for good when they
+    disagree.
+    """
 
     def __init__(self, model: nn.Module, inputs: torch.Tensor, baseline: torch.Tensor, target: int,
                  grid: int, max_batch: int, autocast_dtype: torch.dtype | None = None) -> None:
@@ -183,12 +200,27 @@ class PatchScorer:
         self.difference = inputs - baseline
         self.cache: dict[int, float] = {}
         self.images = 0
+        self.incremental_images = 0  # of ``images``: those that ran a crop through the early layers
         self.batches = 0
         self.requests = 0  # sets asked for, cached or not: what an implementation without a cache evaluates
+        self.incremental: IncrementalForward | None = None
+        self.verified: bool | None = None  # None: no incremental batch checked yet
 
     @property
     def patch_count(self) -> int:
         return self.grid * self.grid
+
+    def use_incremental(self) -> int:
+        """Score one-patch changes incrementally when the network's layout allows it; returns
+        the images run to find the split (one probe forward of a known layout, else none)."""
+        if not known_layout(self.model):
+            return 0
+        try:
+            self.incremental = IncrementalForward.build(self.model, self.baseline, self.edges_y, self.edges_x,
+                                                        self._run)
+        except Exception as exc:  # a layout that looked known but is not: never fail over speed
+            logger.warning("no incremental scoring for %s: %s", type(self.model).__name__, exc)
+        return 1
 
     def masks(self, keys: list[int]) -> torch.Tensor:
         """``B x 1 x H x W`` float masks (1 = the patch is kept) for ``keys``."""
@@ -203,28 +235,69 @@ class PatchScorer:
         masked = torch.addcmul(self.baseline, self.masks(keys), self.difference)
         return masked.contiguous(memory_format=torch.channels_last)
 
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Target probability per image of a prepared batch (stays on the device)."""
+    def _run(self, network: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None else nullcontext())
         with torch.inference_mode(), autocast:
-            logits = self.model(batch)
+            return network(batch)
+
+    def _probabilities_of(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().softmax(dim=-1)[:, self.target]
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Target probability per image of a prepared batch (stays on the device)."""
+        return self._probabilities_of(self._run(self.model, batch))
+
+    def _whole(self, keys: list[int]) -> torch.Tensor:
+        """Probabilities of ``keys`` from whole forwards (their prefix outputs kept when split)."""
+        images = self.images_for(keys)
+        if self.incremental is None:
+            return self.probabilities(images)
+        return self._probabilities_of(self.incremental.whole(keys, images))
+
+    def _changed(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
+        """Probabilities of (key, parent) children; the first batch is checked against whole
+        forwards (relative to each score: SAG's span 1e-5 to 1, float32 rounding is ~1e-7)."""
+        assert self.incremental is not None
+        keys = [key for key, _ in pairs]
+        images = self.images_for(keys)
+        values = self._probabilities_of(self.incremental.changed(pairs, images))
+        if self.verified is None:
+            whole = self.probabilities(images)
+            self.images += len(keys)
+            self.batches += 1
+            relative = 1e-4 if self.autocast_dtype is None else 5e-3
+            self.verified = bool(((whole - values).abs() <= 1e-7 + relative * whole.abs()).all())
+            if not self.verified:
+                logger.warning("incremental patch scores differ from whole forwards; scoring whole images")
+                self.incremental = None
+                return whole
+        self.incremental_images += len(keys)
+        return values
 
     def score(self, keys: Iterable[int]) -> dict[int, float]:
         """Scores of ``keys``; the uncached ones in as few forwards as ``max_batch`` allows."""
         wanted = list(dict.fromkeys(keys))
         self.requests += len(wanted)
         missing = [key for key in wanted if key not in self.cache]
+        parents = {key: self.incremental.parent(key) if self.incremental else None for key in missing}
+        whole = [key for key, parent in parents.items() if parent is None]
+        pairs = [(key, parent) for key, parent in parents.items() if parent is not None]
         chunks = []
-        for start in range(0, len(missing), self.max_batch):
-            chunk = missing[start:start + self.max_batch]
-            chunks.append(self.probabilities(self.images_for(chunk)))
-            self.images += len(chunk)
-            self.batches += 1
+        for start in range(0, len(whole), self.max_batch):
+            chunks.append(self._whole(whole[start:start + self.max_batch]))
+        for start in range(0, len(pairs), self.max_batch):
+            chunk = pairs[start:start + self.max_batch]
+            if self.incremental is None:  # the check failed: whole forwards from here on
+                chunks.append(self._whole([key for key, _ in chunk]))
+            else:
+                chunks.append(self._changed(chunk))
+        done = whole + [key for key, _ in pairs]
+        self.images += len(done)
+        self.batches += len(chunks)
         if chunks:
             values = torch.cat(chunks).tolist()  # the one device -> host copy of this step
-            self.cache.update(zip(missing, values))
+            self.cache.update(zip(done, values))
         return {key: self.cache[key] for key in wanted}
 
 
@@ -252,6 +325,8 @@ class SAG:
         if min(cfg.beam_width, cfg.successors, cfg.max_root_size, cfg.max_roots, cfg.graph_roots,
                cfg.max_nodes, 1 if cfg.max_batch is None else cfg.max_batch) < 1 or cfg.overlap_limit < 0:
             raise ExplainError("invalid_parameter", "counts and sizes must be positive")
+        if cfg.incremental not in ("auto", "on", "off"):
+            raise ExplainError("invalid_parameter", "incremental must be auto, on or off")
 
     # -- entry point -----------------------------------------------------------------------
     def explain(self, inputs: torch.Tensor, target: int | None = None,
@@ -278,12 +353,14 @@ class SAG:
         scorer = PatchScorer(network_for(self.model, inputs), inputs, baseline, target_index, cfg.grid,
                              images_per_forward(inputs.device, cfg.max_batch))
         precision, probes = self._choose_precision(scorer, full_score)
+        if cfg.incremental == "on" or (cfg.incremental == "auto" and inputs.device.type == "cpu"):
+            probes += scorer.use_incremental()  # the split is read off one forward of the baseline
         timings["setup"] = time.perf_counter() - started
 
         mark = time.perf_counter()
         importance, ordering, outside = patch_importance(self.model, inputs, target_index, cfg.ordering,
                                                          self.layer, scorer, full_score)
-        order = sorted(range(scorer.patch_count), key=lambda p: (-importance[p], p))
+        order = sorted(range(scorer.patch_count), key=lambda p: (*(-v for v in importance[p]), p))
         ordering_images = scorer.images
         timings["ordering"] = time.perf_counter() - mark
         report(0.1, f"ordering ({ordering})")
@@ -314,10 +391,15 @@ class SAG:
                 "baseline": cfg.baseline,
                 "precision": precision,
                 "search_steps": steps,
+                "incremental": None if scorer.verified is None else {
+                    "verified": scorer.verified,
+                    "crop_px": scorer.incremental.side if scorer.incremental else None,
+                    "prefix_stride": scorer.incremental.split.stride if scorer.incremental else None},
                 "forward": {"images": 1 + probes + outside + scorer.images, "full_image": 1 + probes,
                             "ordering_images": ordering_images + outside, "search_images": search_images,
                             "graph_images": graph_images, "scorer_batches": scorer.batches,
                             "requested_sets": scorer.requests,
+                            "incremental_images": scorer.incremental_images,
                             "cached_sets": len(scorer.cache)},
                 "timing_ms": {name: round(seconds * 1e3, 2) for name, seconds in timings.items()},
             },
@@ -475,14 +557,21 @@ def pool_to_patches(saliency: torch.Tensor, scorer: PatchScorer) -> torch.Tensor
 def _igos_importance(model: nn.Module, inputs: torch.Tensor, target: int,
                      scorer: PatchScorer) -> tuple[torch.Tensor, int]:
     """Coarse I-GOS deletion mask at grid resolution (I-GOS's own blurred baseline, as in the
-    reference), pooled to patches; also the number of images it evaluated. Raises when I-GOS
-    is unavailable."""
+    reference), pooled to patches, with its last descent direction as the tie-break (``P x 2``);
+    also the number of images it evaluated. Raises when I-GOS is unavailable.
+
+    The tie-break matters: two iterations from an all-ones mask often end with the Armijo
+    search accepting no step, so the mask moves by its smallest trial step (~2e-5) and stays
+    exactly 1 in float32 on some photos (astronaut, the cat + coffee composite; 2026-11-26),
+    which used to leave the patches in index order. The direction is what that step follows."""
     from explainers import igos
 
     config = igos.IGOSConfig(mask_size=scorer.grid, **IGOS_ORDERING)
     explanation = igos.IGOS(model, config).explain(inputs, target)
     counts = explanation.details.get("images_evaluated", {})
-    return pool_to_patches(explanation.saliency[0], scorer), int(sum(counts.values()))
+    direction = explanation.details["directions"].get("mask", torch.zeros_like(explanation.saliency))[0]
+    importance = torch.stack([pool_to_patches(explanation.saliency[0], scorer), pool_to_patches(direction, scorer)], 1)
+    return importance, int(sum(counts.values()))
 
 
 def _gradcam_importance(model: nn.Module, inputs: torch.Tensor, target: int, layer: str,
@@ -504,9 +593,9 @@ def _occlusion_importance(scorer: PatchScorer, full_score: float) -> tuple[torch
 
 
 def patch_importance(model: nn.Module, inputs: torch.Tensor, target: int, ordering: str, layer: str | None,
-                     scorer: PatchScorer, full_score: float) -> tuple[list[float], str, int]:
-    """Per-patch importance (higher = tried first), the name of the ordering used and the
-    images it evaluated outside the scorer.
+                     scorer: PatchScorer, full_score: float) -> tuple[list[tuple[float, ...]], str, int]:
+    """Per-patch importance (higher = tried first; a tuple: later entries break ties), the name
+    of the ordering used and the images it evaluated outside the scorer.
 
     ``auto`` tries I-GOS, then Grad-CAM at ``layer``, then single-patch deletion; a method
     that cannot run (not installed, TorchScript model without hooks) passes to the next.
@@ -529,5 +618,6 @@ def patch_importance(model: nn.Module, inputs: torch.Tensor, target: int, orderi
         except (ImportError, AttributeError, TypeError, ExplainError) as exc:
             reasons.append(f"{name}: {exc}")
             continue
-        return [float(v) for v in values.float().cpu().tolist()], name, images
+        rows = values.float().cpu().reshape(scorer.patch_count, -1).tolist()
+        return [tuple(row) for row in rows], name, images
     raise ExplainError("ordering_unavailable", "no patch ordering could run: " + "; ".join(reasons))

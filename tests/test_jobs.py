@@ -220,6 +220,27 @@ def test_signature_matches_the_standard_webhooks_test_vector() -> None:
     assert signature == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
 
 
+def test_a_job_end_event_is_scheduled_once(stack: Stack) -> None:
+    """The API cancelling a queued job and a worker that had just taken it both see the job end
+    as canceled: one webhook, not two (the second schedule is refused)."""
+    from workers.webhooks import PENDING, _record_key, end_event_once, schedule
+
+    connection = stack.redis()
+    event = {"type": "job.canceled", "data": {"id": "job-once"}}
+    once = end_event_once("job-once", "canceled")
+    first = schedule(connection, "http://127.0.0.1:9/hook", event, once=once)
+    try:
+        assert first is not None
+        assert schedule(connection, "http://127.0.0.1:9/hook", event, once=once) is None
+        other = schedule(connection, "http://127.0.0.1:9/hook", event, once=end_event_once("job-other", "canceled"))
+        assert other is not None  # another job's event is not swallowed
+        connection.zrem(PENDING, other)
+        connection.delete(_record_key(other))
+    finally:
+        connection.zrem(PENDING, first)
+        connection.delete(_record_key(first))
+
+
 def test_bad_submissions_are_4xx_and_unknown_or_expired_ids_404(stack: Stack, small_cat: bytes) -> None:
     with stack.client() as client:
         cases = [

@@ -73,6 +73,7 @@ def result_json(result: SAGResult) -> dict[str, Any]:
                   for e in result.edges],
         "truncated": result.truncated,
         "forward_passes": result.details["forward"],
+        "incremental": result.details["incremental"],  # None when every image ran whole
     }
 
 

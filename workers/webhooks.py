@@ -94,8 +94,17 @@ def event_for(view: dict[str, Any]) -> dict[str, Any]:
             "data": data}
 
 
-def schedule(connection: redis.Redis, url: str, event: dict[str, Any]) -> str:
-    """Store one delivery of ``event`` to ``url``, due now; returns the webhook id."""
+def end_event_once(job_id: str, status: str) -> str:
+    """The de-duplication key of a job's end event: the API (cancelling a queued job) and a
+    worker that had already taken it may both see the job end, and must send one webhook."""
+    return f"{job_id}:{status}"
+
+
+def schedule(connection: redis.Redis, url: str, event: dict[str, Any], once: str | None = None) -> str | None:
+    """Store one delivery of ``event`` to ``url``, due now; returns the webhook id, or ``None``
+    when an event with the same ``once`` key was already scheduled."""
+    if once is not None and not connection.set(f"unbox:webhook:once:{once}", b"1", nx=True, ex=RECORD_TTL_S):
+        return None
     message_id = "msg_" + uuid.uuid4().hex
     record = {"url": url, "body": json.dumps(event, separators=(",", ":")), "attempts": 0}
     with connection.pipeline() as pipe:

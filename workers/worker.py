@@ -30,7 +30,7 @@ from workers.methods import load_builtin_methods
 from workers.runtime import WorkerRuntime, use_runtime
 from workers.settings import CoreSettings, SettingsError
 from workers.warmup import warm_fast_paths, warm_igos_compile
-from workers.webhooks import WebhookSender, event_for, schedule
+from workers.webhooks import WebhookSender, end_event_once, event_for, schedule
 
 logger = logging.getLogger("unbox.worker")
 
@@ -118,7 +118,7 @@ class UnboxWorker(SimpleWorker):
             view = job_view(job, with_result=False)
             url = (job.kwargs.get("payload") or {}).get("callback_url")
             if url and view["status"] in ("succeeded", "failed", "canceled"):
-                schedule(self.connection, url, event_for(view))
+                schedule(self.connection, url, event_for(view), once=end_event_once(job.id, view["status"]))
                 if self.webhooks is not None:
                     self.webhooks.wake.set()
         except Exception:
