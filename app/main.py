@@ -29,16 +29,21 @@ logger = logging.getLogger("unbox")
 MULTIPART_SLACK_BYTES = 64 * 1024  # form fields and part headers around the image
 
 
-def _load_startup_models(registry: ModelRegistry, names: list[str], settings: Settings | None = None) -> None:
+def _load_startup_models(registry: ModelRegistry, names: list[str], settings: Settings | None = None,
+                         warming: set[str] | None = None) -> None:
+    """Load (and, with ``settings``, warm) each start-up model, removing it from ``warming``
+    when done, so that readiness waits for the warm-up as well as the load."""
     for name in names:
         try:
             model = registry.get(name)
             logger.info("model %s loaded", name)
+            if settings is not None:
+                warm_fast_paths(model, settings)
         except Exception as exc:  # reported by /readyz and /v1/models
             logger.error("model %s failed to load: %s", name, exc)
-            continue
-        if settings is not None:
-            warm_fast_paths(model, settings)
+        finally:
+            if warming is not None:
+                warming.discard(name)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -57,7 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader = threading.Thread(target=_load_startup_models, args=(registry, settings.models, settings),
+        loader = threading.Thread(target=_load_startup_models,
+                                  args=(registry, settings.models, settings, app.state.service.warming),
                                   name="unbox-model-loader", daemon=True)
         loader.start()
         yield

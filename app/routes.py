@@ -84,7 +84,8 @@ def healthz() -> dict:
 
 @router.get("/readyz", tags=["operations"])
 def readyz(request: Request) -> JSONResponse:
-    """Ready when every start-up model is loaded (503 while loading or after a failed load).
+    """Ready when every start-up model is loaded and warmed (503 while loading, while its fast
+    paths warm up on CUDA, or after a failed load).
 
     ``queue`` reports Redis (ok / unreachable / not_configured); an unreachable Redis makes the
     status ``degraded`` (200): predictions and explanations still work, job endpoints answer 503.
@@ -93,7 +94,7 @@ def readyz(request: Request) -> JSONResponse:
     states = {}
     for name in service.settings.models:
         if service.registry.is_loaded(name):
-            states[name] = "loaded"
+            states[name] = "warming" if name in service.warming else "loaded"
         elif service.registry.load_error(name):
             states[name] = "failed: " + service.registry.load_error(name)
         else:

@@ -31,6 +31,9 @@ class InferenceService:
         self.metrics = metrics
         self._slots = threading.BoundedSemaphore(settings.max_concurrent_inference)
         self.fastpath = settings.fast_path()
+        # start-up models whose load or fast-path warm-up (CUDA graphs, compiled runners) has
+        # not finished: /readyz stays 503 until this is empty
+        self.warming: set[str] = set(settings.models)
 
     def model(self, name: str) -> LoadedModel:
         """The warm model ``name``, or the right 4xx/503."""

@@ -152,3 +152,31 @@ def test_models_health_metrics_docs(api_server, chelsea):
     assert "/v1/explain" in httpx.get(api_server + "/openapi.json").json()["paths"]
     missing = httpx.get(api_server + "/v1/nothing")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_readyz_waits_for_the_fast_path_warm_up(monkeypatch):
+    """On CUDA the start-up warm-up (CUDA graphs, compiled runners) takes seconds after the load;
+    a balancer must not send traffic before it ends. No GPU here, so the warm-up is a stand-in
+    that blocks until released; the load, the app and its readiness logic are the real ones."""
+    import threading
+    import time
+
+    from fastapi.testclient import TestClient
+
+    import app.main as main
+    from app.settings import load_settings
+
+    release = threading.Event()
+    monkeypatch.setattr(main, "warm_fast_paths", lambda model, settings: release.wait(60))
+    monkeypatch.setenv("UNBOX_MODELS", "efficientnet_lite0")
+    with TestClient(main.create_app(load_settings())) as client:
+        deadline = time.monotonic() + 120
+        while (state := client.get("/readyz")).json()["models"]["efficientnet_lite0"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert state.status_code == 503 and state.json()["models"]["efficientnet_lite0"] == "warming"
+        release.set()
+        while (state := client.get("/readyz")).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert state.json()["models"]["efficientnet_lite0"] == "loaded"
