@@ -5,8 +5,8 @@
 #                                        # (about 9 minutes on an H200 on 2026-11-26; a task's device
 #                                        # budget is 15 minutes, machine start included)
 #   QUICK=1 bash bench/gpu_session.sh    # smoke run of the same steps (also works on a CPU)
-#   STEPS="igos cams" bash bench/gpu_session.sh   # some of the steps (igos, igos_tuned, profile, sag, cams, quirks,
-#                                                 # variants, variants_compile)
+#   STEPS="igos cams" bash bench/gpu_session.sh   # some of the steps (igos, igos_tuned, profile, sag,
+#                                                 # sag_incremental, cams, quirks, variants, variants_compile)
 #
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site).
 # Each benchmark runs under its own time limit so that one hang cannot eat the others; logs
@@ -51,6 +51,9 @@ for name in ${STEPS:-variants quirks sag cams variants_compile}; do
         variants_compile) step variants_compile "${COMPILE_LIMIT:-200}" $PY -m bench.igos_variants --repeats 3 \
             --variants default compile "${quick[@]}" ;;
         sag) step sag "${SAG_LIMIT:-120}" $PY -m bench.sag --repeats 3 "${quick[@]}" ;;
+        sag_incremental)  # the CPU's incremental scoring on CUDA, beside whole forwards (not yet measured there)
+            step sag_incremental "${SAG_LIMIT:-120}" $PY -m bench.sag --repeats 3 --no-unbatched --incremental on \
+                --images chelsea coffee --no-append "${quick[@]}" ;;
         cams) step cams "${CAMS_LIMIT:-200}" $PY -m bench.cams "${quick[@]}" ;;
         quirks)  # I-GOS++ at the reference settings over 5 seeds: ours, then the reference's habits
             step quirks_ours "${QUIRKS_LIMIT:-150}" $PY -m bench.igos_quirks --preset reference --seeds 0 1 2 3 4
