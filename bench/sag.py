@@ -62,8 +62,8 @@ class Row:
     result: SAGResult
     seconds: float
     unbatched_seconds: float | None
-    first_seconds: float
-    whole_seconds: float | None  # the same search with every image through the whole network  # the first run in the process for this photo (new batch shapes pay there)
+    first_seconds: float  # the first run in the process for this photo (new batch shapes pay there)
+    whole_seconds: float | None  # the same search with every image through the whole network
 
     @property
     def forward(self) -> dict[str, int]:
