@@ -244,13 +244,15 @@ class IncrementalForward:
             self._remember(key, prefix[row:row + 1].clone())
         return self.run(self.split.suffix, prefix)
 
-    def changed(self, pairs: list[tuple[int, int]], images: torch.Tensor) -> torch.Tensor:
-        """Logits of the (key, parent) children whose masked ``images`` are given: each child's
-        crop runs through the prefix and is pasted into its parent's kept prefix output."""
-        split, side = self.split, self.side
-        windows = [self.windows[(key ^ parent).bit_length() - 1] for key, parent in pairs]
-        crops = torch.stack([images[row, :, w.crop_y:w.crop_y + side, w.crop_x:w.crop_x + side]
-                             for row, w in enumerate(windows)]).contiguous(memory_format=torch.channels_last)
+    def windows_of(self, pairs: list[tuple[int, int]]) -> list[Window]:
+        """The window of the one patch each (key, parent) pair differs in."""
+        return [self.windows[(key ^ parent).bit_length() - 1] for key, parent in pairs]
+
+    def changed(self, pairs: list[tuple[int, int]], windows: list[Window], crops: torch.Tensor) -> torch.Tensor:
+        """Logits of the (key, parent) children, given each one's masked input cut to its
+        window (``side`` pixels square): the crops run through the prefix and are pasted into
+        the parents' kept prefix outputs."""
+        split = self.split
         patched = self.run(split.prefix, crops)
         maps = torch.cat([self.prefixes[parent] for _, parent in pairs])
         for row, w in enumerate(windows):

@@ -45,7 +45,7 @@ from torch import nn
 from explainers.batching import images_per_forward
 from explainers.errors import ExplainError
 from explainers.fastpath import network_for
-from explainers.incremental import IncrementalForward, known_layout
+from explainers.incremental import IncrementalForward, Window, known_layout
 from explainers.result import resolve_targets
 
 logger = logging.getLogger(__name__)
@@ -222,18 +222,31 @@ class PatchScorer:
             logger.warning("no incremental scoring for %s: %s", type(self.model).__name__, exc)
         return 1
 
-    def masks(self, keys: list[int]) -> torch.Tensor:
-        """``B x 1 x H x W`` float masks (1 = the patch is kept) for ``keys``."""
+    def _kept(self, keys: list[int]) -> torch.Tensor:
+        """``B x P`` booleans: which patches each key keeps."""
         bits = np.zeros((len(keys), self.patch_count), dtype=np.bool_)
         for row, key in enumerate(keys):
             bits[row, list(patches_of(key))] = True
-        kept = torch.from_numpy(bits).to(self.device)
-        return kept[:, self.patch_map].unsqueeze(1).to(self.difference.dtype)
+        return torch.from_numpy(bits).to(self.device)
+
+    def masks(self, keys: list[int]) -> torch.Tensor:
+        """``B x 1 x H x W`` float masks (1 = the patch is kept) for ``keys``."""
+        return self._kept(keys)[:, self.patch_map].unsqueeze(1).to(self.difference.dtype)
 
     def images_for(self, keys: list[int]) -> torch.Tensor:
         """The masked inputs for ``keys``, channels-last."""
         masked = torch.addcmul(self.baseline, self.masks(keys), self.difference)
         return masked.contiguous(memory_format=torch.channels_last)
+
+    def crops_for(self, keys: list[int], windows: list[Window], side: int) -> torch.Tensor:
+        """The masked inputs for ``keys``, each cut to its window's ``side``-pixel crop
+        (the same values as cropping :meth:`images_for`, without building whole images)."""
+        cuts = [(slice(w.crop_y, w.crop_y + side), slice(w.crop_x, w.crop_x + side)) for w in windows]
+        cells = torch.stack([self.patch_map[rows, cols] for rows, cols in cuts]).flatten(1)
+        kept = self._kept(keys).gather(1, cells).view(len(keys), 1, side, side).to(self.difference.dtype)
+        base = torch.cat([self.baseline[..., rows, cols] for rows, cols in cuts])
+        difference = torch.cat([self.difference[..., rows, cols] for rows, cols in cuts])
+        return torch.addcmul(base, kept, difference).contiguous(memory_format=torch.channels_last)
 
     def _run(self, network: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -258,12 +271,14 @@ class PatchScorer:
     def _changed(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
         """Probabilities of (key, parent) children; the first batch is checked against whole
         forwards (relative to each score: SAG's span 1e-5 to 1, float32 rounding is ~1e-7)."""
-        assert self.incremental is not None
+        incremental = self.incremental
+        assert incremental is not None
         keys = [key for key, _ in pairs]
-        images = self.images_for(keys)
-        values = self._probabilities_of(self.incremental.changed(pairs, images))
+        windows = incremental.windows_of(pairs)
+        crops = self.crops_for(keys, windows, incremental.side)
+        values = self._probabilities_of(incremental.changed(pairs, windows, crops))
         if self.verified is None:
-            whole = self.probabilities(images)
+            whole = self.probabilities(self.images_for(keys))
             self.images += len(keys)
             self.batches += 1
             relative = 1e-4 if self.autocast_dtype is None else 5e-3

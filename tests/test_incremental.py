@@ -46,6 +46,12 @@ def test_lite0_incremental_scores_equal_whole_forwards(default_model, chelsea):
     forward = incremental.incremental
     assert forward is not None and forward.split.stride == 4 and len(forward.windows) == 49
     assert forward.side < inputs.shape[-1] / 2  # the point: a crop, not the image
+    keys = [0b1011 << 20, (1 << 49) - 1, 1 << 48]
+    windows = [forward.windows[p] for p in (20, 24, 48)]
+    crops = incremental.crops_for(keys, windows, forward.side)
+    images = incremental.images_for(keys)
+    for row, w in enumerate(windows):
+        assert torch.equal(crops[row], images[row, :, w.crop_y:w.crop_y + forward.side, w.crop_x:w.crop_x + forward.side])
     for keys in one_patch_walk(7, 5):
         fast, slow = incremental.score(keys), whole.score(keys)
         assert [fast[k] for k in keys] == pytest.approx([slow[k] for k in keys], rel=1e-5, abs=1e-8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,6 +12,18 @@ import torch
 from workers.settings import CoreSettings
 
 logger = logging.getLogger("unbox.warmup")
+
+
+def _warm(model: Any, what: str, run: Callable[[torch.Tensor], None]) -> None:
+    """``run`` on a seeded noise image at the model's input size, timed and logged; a failure
+    is logged and only means eager execution later."""
+    started = time.perf_counter()
+    try:
+        size = model.spec.input_size
+        run(torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(model.device))
+        logger.info("model %s %s in %.1f s", model.name, what, time.perf_counter() - started)
+    except Exception as exc:
+        logger.warning("model %s %s failed (it runs eagerly): %s", model.name, what, exc)
 
 
 def warm_fast_paths(model: Any, settings: CoreSettings) -> None:
@@ -22,17 +35,13 @@ def warm_fast_paths(model: Any, settings: CoreSettings) -> None:
         return
     from explainers.pipeline import SYNC_METHODS, make_explainer
 
-    started = time.perf_counter()
-    try:
-        size = model.spec.input_size
-        noise = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(model.device)
+    def run(noise: torch.Tensor) -> None:
         make_explainer("gradcam", model, None, fastpath=fast).explain(noise)
         if "scorecam" in SYNC_METHODS:
             options = {"channels": settings.scorecam_channels or None, "memory_budget_mb": settings.scorecam_memory_mb}
             make_explainer("scorecam", model, None, options, fast).explain(noise)
-        logger.info("model %s fast paths warmed in %.1f s", model.name, time.perf_counter() - started)
-    except Exception as exc:
-        logger.warning("model %s fast-path warm-up failed (it runs eagerly): %s", model.name, exc)
+
+    _warm(model, "fast-path warm-up", run)
 
 
 def warm_igos_compile(model: Any, settings: CoreSettings) -> None:
@@ -44,12 +53,8 @@ def warm_igos_compile(model: Any, settings: CoreSettings) -> None:
         return
     from explainers.igos import IGOSConfig, make_igos
 
-    started = time.perf_counter()
-    try:
-        size = model.spec.input_size
-        noise = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(model.device)
+    def run(noise: torch.Tensor) -> None:
         for method in ("igos++", "igos"):
             make_igos(method, model.module, IGOSConfig.for_method(method, iterations=1, compile=True)).explain(noise)
-        logger.info("model %s I-GOS network compiled in %.1f s", model.name, time.perf_counter() - started)
-    except Exception as exc:
-        logger.warning("model %s I-GOS compile warm-up failed (it runs eagerly): %s", model.name, exc)
+
+    _warm(model, "I-GOS compile warm-up", run)
