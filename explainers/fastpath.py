@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from explainers.capture import LayerCapture
-from explainers.lean import frozen_copy, lean_network
+from explainers.lean import frozen_copy, lean_network, same_arithmetic_network
 
 logger = logging.getLogger("unbox.fastpath")
 
@@ -176,10 +176,13 @@ def network_for(module: nn.Module, example: torch.Tensor, lean: bool = True) -> 
     """The network that batched explainers run on ``example``'s device. With ``lean`` (for
     those that only score images: SAG's patch sets, Score-CAM's masked forwards, the metrics)
     the copy with batch norm folded (:mod:`explainers.lean`, channels-last on CUDA); otherwise,
-    or when no lean copy can be made, the channels-last private copy on CUDA and ``module``
-    itself elsewhere. Feed it channels-last batches on CUDA."""
+    or when no lean copy can be made, the channels-last private copy on CUDA and elsewhere the
+    copy with the loaded network's own arithmetic (its logits bit-identical; layers swapped for
+    less memory traffic) or ``module`` itself. Feed it channels-last batches on CUDA."""
+    if example.device.type != "cuda":
+        return lean_network(module, example) if lean else same_arithmetic_network(module, example)
     network = lean_network(module, example) if lean else module
-    if network is not module or example.device.type != "cuda":
+    if network is not module:
         return network
     try:
         return private_copy(module, True)

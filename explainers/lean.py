@@ -11,6 +11,12 @@ I-GOS scores its path images on the copy too (channels-last; 12.1 instead of 21.
 CPU preset); in float32 its accept / reject steps turn folding's rounding into a different,
 equally converged mask.
 
+The copy also swaps layers for ones computing the same function with less memory traffic
+(:mod:`explainers.lean_layers`): activations in place only without autograd, and on a CPU the
+"same" convolutions padded through their kernels (forward 14.1 instead of 17.6 ms per image,
+forward + backward 29.4 instead of 31.9; I-GOS++'s CPU preset 11.2 instead of 13.7 s and SAG
+9.7 instead of 11.5 s on the cat photo, alternated in one process, 2026-11-26).
+
 Which batch norm follows which convolution is read off one traced forward (the batch norm's
 input is the very tensor the convolution returned), so no architecture is hard-coded; timm's
 ``BatchNormAct2d`` keeps its activation. The copy is checked against the original on the
@@ -25,15 +31,17 @@ import copy
 import logging
 import threading
 import weakref
-from typing import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
+from explainers.lean_layers import activations_out_of_place_under_autograd, pad_through_kernels
+
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_copies: weakref.WeakKeyDictionary[nn.Module, dict[bool, nn.Module]] = weakref.WeakKeyDictionary()
+_copies: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def _conv_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
@@ -95,10 +103,17 @@ def ieee_float32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def fold_batch_norms(model: nn.Module, example: torch.Tensor, tolerance: float = 1e-3) -> nn.Module | None:
-    """A frozen eval-mode copy of ``model`` with batch norms folded into their convolutions,
-    or ``None`` when nothing folds or the copy's logits on ``example`` differ from the
-    original's by more than ``tolerance`` relative to their largest magnitude."""
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max()) / max(float(expected.abs().max()), 1e-6)
+
+
+def fold_batch_norms(model: nn.Module, example: torch.Tensor, tolerance: float = 1e-3,
+                     pad_in_kernels: bool = False) -> nn.Module | None:
+    """A frozen eval-mode copy of ``model`` with batch norms folded into their convolutions
+    and activations out of place under autograd (:mod:`explainers.lean_layers`), with
+    ``pad_in_kernels`` also its "same" convolutions padded through their kernels; ``None``
+    when nothing folds or the copy's logits on ``example`` differ from the original's by more
+    than ``tolerance`` relative to their largest magnitude."""
     twin = frozen_copy(model)
     example = example.detach().float()
     pairs = _conv_batchnorm_pairs(twin, example)
@@ -111,32 +126,70 @@ def fold_batch_norms(model: nn.Module, example: torch.Tensor, tolerance: float =
             _fold(twin.get_submodule(conv_name), norm)
             parent_name, _, attribute = norm_name.rpartition(".")
             setattr(twin.get_submodule(parent_name) if parent_name else twin, attribute, _without_norm(norm))
+        activations_out_of_place_under_autograd(twin)
+        if pad_in_kernels:
+            pad_through_kernels(twin)
         folded = twin(example).float()
-    error = float((folded - expected).abs().max()) / max(float(expected.abs().max()), 1e-6)
+    error = _relative_error(folded, expected)
     if not error <= tolerance:
         logger.warning("batch-norm folding changed the logits by %.2g (relative); scoring the model as it is", error)
         return None
     return twin
 
 
-def lean_network(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The cached lean copy of ``model`` for ``example``'s device (channels-last on CUDA), built
-    and verified on ``example``'s first image; ``model`` itself when no lean copy can be made."""
-    channels_last = example.device.type == "cuda"
+def same_arithmetic_copy(model: nn.Module, example: torch.Tensor, tolerance: float = 1e-6) -> nn.Module | None:
+    """A frozen copy of ``model`` with only the layer swaps of :mod:`explainers.lean_layers`
+    (batch norm kept): the same forward arithmetic, so logits equal the model's (bit-identical
+    for efficientnet_lite0 on the CPU); ``None`` when nothing was swapped or the logits on
+    ``example`` differ by more than ``tolerance`` relative. For computations whose result
+    hangs on float rounding (SAG's coarse I-GOS ordering)."""
+    twin = frozen_copy(model)
+    example = example.detach().float()
+    with torch.no_grad(), ieee_float32():
+        expected = twin(example).float()  # the copy before its swaps: hooks of requests in flight stay out
+        if activations_out_of_place_under_autograd(twin) + pad_through_kernels(twin) == 0:
+            return None
+        error = _relative_error(twin(example).float(), expected)
+    if not error <= tolerance:
+        logger.warning("layer swaps changed the logits by %.2g (relative); using the model as it is", error)
+        return None
+    return twin
+
+
+def _cached_copy(model: nn.Module, kind: str, make: Callable[[], nn.Module | None]) -> nn.Module:
+    """The copy of ``model`` cached under ``kind``, made once by ``make`` (``model`` itself when
+    ``make`` gives none or fails)."""
     with _lock:
-        cached = _copies.get(model, {}).get(channels_last)
+        cached = _copies.get(model, {}).get(kind)
     if cached is not None:
         return cached
     with _lock, torch.inference_mode(False):  # normal tensors, whatever mode the first caller is in
         try:
-            lean = fold_batch_norms(model, example[:1].clone()) or model
+            twin = make() or model
         except Exception as exc:  # TorchScript, exotic modules: never fail a request over speed
-            logger.warning("no lean copy of %s: %s", type(model).__name__, exc)
-            lean = model
-        if channels_last and lean is not model:
-            lean = lean.to(memory_format=torch.channels_last)
-        _copies.setdefault(model, {})[channels_last] = lean
-        return lean
+            logger.warning("no %s copy of %s: %s", kind, type(model).__name__, exc)
+            twin = model
+        _copies.setdefault(model, {})[kind] = twin
+        return twin
 
 
-__all__ = ["fold_batch_norms", "frozen_copy", "ieee_float32", "lean_network"]
+def lean_network(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """The cached lean copy of ``model`` for ``example``'s device (channels-last on CUDA; "same"
+    padding through the kernels on a CPU, unmeasured on CUDA), built and verified on
+    ``example``'s first image; ``model`` itself when no lean copy can be made."""
+    if example.device.type == "cuda":
+        def make() -> nn.Module | None:
+            lean = fold_batch_norms(model, example[:1].clone())
+            return None if lean is None else lean.to(memory_format=torch.channels_last)
+        return _cached_copy(model, "lean-cuda", make)
+    return _cached_copy(model, "lean-cpu", lambda: fold_batch_norms(model, example[:1].clone(), pad_in_kernels=True))
+
+
+def same_arithmetic_network(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """The cached :func:`same_arithmetic_copy` of ``model`` (a CPU's layer swaps; the layout
+    as loaded), verified on ``example``'s first image; ``model`` itself when none can be made."""
+    return _cached_copy(model, "same-arithmetic", lambda: same_arithmetic_copy(model, example[:1].clone()))
+
+
+__all__ = ["fold_batch_norms", "frozen_copy", "ieee_float32", "lean_network", "same_arithmetic_copy",
+           "same_arithmetic_network"]

@@ -581,8 +581,10 @@ def _igos_importance(model: nn.Module, inputs: torch.Tensor, target: int,
     which used to leave the patches in index order. The direction is what that step follows."""
     from explainers import igos
 
-    # on a CPU the network as loaded (NCHW): I-GOS's default lean, channels-last copy orders
-    # 1-1.5 s faster, but the order hangs on rounding and the cat photo's roots went with it
+    # on a CPU the loaded network's own arithmetic (NCHW, batch norm unfolded; a copy with
+    # bit-identical logits, explainers.lean.same_arithmetic_copy): the order hangs on rounding.
+    # The lean, channels-last copy orders 1-2 s faster but, over 14 photos (2026-11-26), changed
+    # the order on 4 and found 63 roots instead of 68 (the cat photo's 2 among those lost)
     network = "auto" if inputs.is_cuda else "as_loaded"
     config = igos.IGOSConfig(mask_size=scorer.grid, network=network, **IGOS_ORDERING)
     explanation = igos.IGOS(model, config).explain(inputs, target)

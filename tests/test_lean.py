@@ -104,3 +104,79 @@ def test_a_copy_made_under_inference_mode_still_serves_autograd(make_copy):
     inputs = torch.randn(2, 3, 8, 8, requires_grad=True)
     twin(inputs).sum().backward()
     assert inputs.grad is not None and torch.isfinite(inputs.grad).all()
+
+
+# -- layer swaps (explainers.lean_layers) ------------------------------------------------------
+@pytest.mark.parametrize("kernel,stride,groups", [(3, 2, 6), (5, 2, 6), (3, 2, 1), (3, 1, 6), (5, 1, 1)])
+@pytest.mark.parametrize("size", [(8, 8), (9, 9), (8, 11), (7, 10)])
+def test_shifted_same_conv_equals_the_padded_same_conv(kernel, stride, groups, size):
+    """Odd and even sides, square or not: the pad through the kernel reads the very taps the
+    padded convolution reads (stride 2 on an even side pads one more after than before)."""
+    from timm.layers import Conv2dSame
+
+    from explainers.lean_layers import ShiftedSameConv
+
+    torch.manual_seed(3)
+    same = Conv2dSame(6, 6, kernel, stride=stride, groups=groups).eval().requires_grad_(False)
+    shifted = ShiftedSameConv(same)
+    assert shifted.kernel_size == same.kernel_size, "receptive-field geometry reads the original kernel"
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 6, *size).contiguous(memory_format=memory_format)
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        expected, got = same(a), shifted(b)
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, atol=1e-6)
+        weights = torch.randn_like(expected)
+        (expected * weights).sum().backward()
+        (got * weights).sum().backward()
+        assert torch.allclose(b.grad, a.grad, atol=1e-6)
+
+
+def test_grad_aware_hardtanh_is_in_place_only_without_autograd():
+    from explainers.lean_layers import GradAwareHardtanh
+
+    act = GradAwareHardtanh(0.0, 6.0)
+    x = torch.linspace(-3, 9, 25)
+    with torch.no_grad():
+        y = x.clone()
+        assert act(y).data_ptr() == y.data_ptr() and float(y.min()) == 0 and float(y.max()) == 6
+    leaf = x.clone().requires_grad_(True)
+    out = act(leaf)
+    assert torch.equal(leaf.detach(), x), "under autograd the input is left as it was"
+    out.sum().backward()
+    reference = x.clone().requires_grad_(True)
+    nn.ReLU6()(reference).sum().backward()
+    assert torch.equal(leaf.grad, reference.grad)
+
+
+def test_default_models_cpu_lean_copy_pads_through_kernels_and_keeps_its_logits(default_model, chelsea):
+    from timm.layers import Conv2dSame
+
+    from explainers.lean_layers import GradAwareHardtanh, ShiftedSameConv
+
+    inputs, _ = default_model.preprocessor.to_input(chelsea)
+    lean = fold_batch_norms(default_model.module, inputs, pad_in_kernels=True)
+    kinds = [type(m) for m in lean.modules()]
+    assert kinds.count(ShiftedSameConv) == 5 and Conv2dSame not in kinds  # the stem and four stride-2 stages
+    assert kinds.count(GradAwareHardtanh) > 30
+    assert not any(isinstance(m, nn.Hardtanh) and m.inplace for m in lean.modules())
+    with torch.no_grad():
+        expected, got = default_model.module(inputs), lean(inputs.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_same_arithmetic_copy_keeps_the_loaded_networks_logits_bit_for_bit(default_model, chelsea):
+    """SAG's coarse ordering hangs on float rounding, so its copy swaps layers only where the
+    arithmetic stays the model's own: batch norm unfolded, logits identical to the last bit."""
+    from explainers.fastpath import network_for
+    from explainers.lean import same_arithmetic_copy
+    from explainers.lean_layers import ShiftedSameConv
+
+    inputs, _ = default_model.preprocessor.to_input(chelsea)
+    twin = same_arithmetic_copy(default_model.module, inputs)
+    assert twin is not None and batch_norms(twin) == batch_norms(default_model.module)
+    assert sum(isinstance(m, ShiftedSameConv) for m in twin.modules()) == 5
+    with torch.no_grad():
+        assert torch.equal(twin(inputs), default_model.module(inputs))
+    network = network_for(default_model.module, inputs, lean=False)
+    assert network is not default_model.module and batch_norms(network) == batch_norms(default_model.module)
