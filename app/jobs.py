@@ -44,6 +44,8 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 POLL_AFTER_S = "1"
 UNAVAILABLE_RETRY_S = "5"
 QUEUE_FULL_RETRY_S = "2"
+ADMISSION_LOCK_S = 10.0  # a submitter that died holding the admission lock frees it after this
+ADMISSION_WAIT_S = 5.0   # how long a submission waits for its turn before answering 503
 
 
 class JobsClient:
@@ -76,6 +78,22 @@ class JobsClient:
             raise ApiError(503, "queue_unavailable", f"the job queue (Redis) is unreachable: {exc}; "
                            "predictions and synchronous explanations still work",
                            {"Retry-After": UNAVAILABLE_RETRY_S}) from None
+
+    @contextmanager
+    def _admission(self, connection: redis.Redis) -> Iterator[None]:
+        """One submission at a time counts and enqueues on the queue (across all API
+        processes: a Redis lock), so concurrent submissions never overfill it."""
+        lock = connection.lock(f"unbox:admission:{self.settings.queue_name}", timeout=ADMISSION_LOCK_S,
+                               sleep=0.005, blocking_timeout=ADMISSION_WAIT_S)
+        if not lock.acquire():
+            raise ApiError(503, "queue_busy", "too many submissions at once; retry shortly", {"Retry-After": "1"})
+        try:
+            yield
+        finally:
+            try:
+                lock.release()
+            except redis.exceptions.LockError:  # held past ADMISSION_LOCK_S: already expired, nothing to free
+                logger.warning("the admission lock expired before its submission finished")
 
     def health(self) -> dict[str, Any]:
         """Redis reachability and queue depth, for ``/readyz``."""
@@ -160,20 +178,19 @@ class JobsClient:
                 if replay is not None:
                     return replay, True
             queue = job_queue(connection, settings.queue_name)
-            if queue.count >= settings.max_queue_length:
-                if record_key:
-                    connection.delete(record_key)
-                raise ApiError(503, "queue_full", f"the job queue is full ({settings.max_queue_length} jobs "
-                               "waiting); retry later", {"Retry-After": QUEUE_FULL_RETRY_S})
             try:
-                connection.set(image_key(job_id), png, ex=settings.job_image_ttl_s)
-                job = queue.enqueue_call(
-                    RUN_JOB, kwargs={"payload": payload}, job_id=job_id,
-                    timeout=method_timeout(method, settings.job_timeouts),
-                    result_ttl=settings.job_result_ttl_s, failure_ttl=settings.job_result_ttl_s,
-                    ttl=settings.job_image_ttl_s, retry=JobRetry(max=1),
-                    meta={"progress": 0.0, "stage": "queued", "attempts": 0},
-                    description=f"{method.name} on {model}")
+                with self._admission(connection):
+                    if queue.count >= settings.max_queue_length:
+                        raise ApiError(503, "queue_full", f"the job queue is full ({settings.max_queue_length} "
+                                       "jobs waiting); retry later", {"Retry-After": QUEUE_FULL_RETRY_S})
+                    connection.set(image_key(job_id), png, ex=settings.job_image_ttl_s)
+                    job = queue.enqueue_call(
+                        RUN_JOB, kwargs={"payload": payload}, job_id=job_id,
+                        timeout=method_timeout(method, settings.job_timeouts),
+                        result_ttl=settings.job_result_ttl_s, failure_ttl=settings.job_result_ttl_s,
+                        ttl=settings.job_image_ttl_s, retry=JobRetry(max=1),
+                        meta={"progress": 0.0, "stage": "queued", "attempts": 0},
+                        description=f"{method.name} on {model}")
             except BaseException:
                 cleanup = [image_key(job_id)] + ([record_key] if record_key else [])
                 try:

@@ -193,6 +193,55 @@ def test_cancel_queued_job_and_queue_full(stack: Stack, small_cat: bytes) -> Non
     assert not stack.redis().exists(image_key(queued[0]))
 
 
+def test_concurrent_submissions_never_overfill_the_queue(stack: Stack, small_cat: bytes,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight submissions race for the last two places of a queue no worker takes from. Reading
+    the queue length is slowed down, so without the admission lock every one of them would
+    read the same length and get in."""
+    from app import jobs as jobs_module
+    from app.errors import ApiError
+    from app.metrics import Metrics
+    from app.service import InferenceService
+    from app.settings import Settings
+    from models import ModelRegistry, load_catalog
+
+    settings = Settings(redis_url=stack.redis_server.url, queue_name="admission-race", max_queue_length=2)
+    service = InferenceService(settings, ModelRegistry(load_catalog(None), "cpu"), Metrics())
+    real_queue = jobs_module.job_queue
+
+    class SlowlyCounted:
+        def __init__(self, queue) -> None:
+            self.queue = queue
+
+        @property
+        def count(self) -> int:
+            length = self.queue.count
+            time.sleep(0.05)  # the window between reading the length and enqueueing
+            return length
+
+        def __getattr__(self, name: str):
+            return getattr(self.queue, name)
+
+    monkeypatch.setattr(jobs_module, "job_queue", lambda connection, name: SlowlyCounted(real_queue(connection, name)))
+    jobs = jobs_module.JobsClient(settings, service)
+
+    def attempt(_: int) -> str:
+        try:
+            jobs.submit(small_cat, "gradcam", "efficientnet_lite0", None, None, None, None)
+            return "accepted"
+        except ApiError as exc:
+            return exc.code
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(attempt, range(8)))
+        assert sorted(outcomes) == ["accepted"] * 2 + ["queue_full"] * 6, outcomes
+        assert real_queue(stack.redis(), "admission-race").count == 2
+    finally:
+        real_queue(stack.redis(), "admission-race").empty()
+        jobs.close()
+
+
 def test_job_over_its_time_limit_fails_with_timeout(stack: Stack, small_cat: bytes) -> None:
     with stack.client() as client:
         job_id = submitted(client, small_cat, "slow_2s_limit", params='{"steps": 100, "step_s": 0.1}')
