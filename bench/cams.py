@@ -24,7 +24,6 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -32,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.common import machine_info
+from bench.common import DOCS, machine_info, record_section
 from explainers.cam import GradCAM, ScoreCAM
 from explainers.fastpath import EXACT, FastPath
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 MODELS = {
     "efficientnet_lite0": ("builtin", "bn2"),
     "resnet50": ("torchvision", "layer4"),
@@ -205,8 +203,6 @@ def goals(rows: list[Row], device: torch.device) -> list[str]:
 
 
 def append_docs(info: dict[str, str], args: argparse.Namespace, rows: list[Row]) -> None:
-    DOCS.parent.mkdir(exist_ok=True)
-    header = "" if DOCS.exists() else "# Benchmarks\n\nEach section is appended by the benchmark that produced it.\n"
     mode = "quick check (not a measurement)" if args.quick else "full run"
     section = (f"\n## CAMs: ours vs pytorch-grad-cam ({info['date']}, {mode})\n\n"
                f"- command: `python -m bench.cams {' '.join(args.argv)}`\n"
@@ -216,8 +212,7 @@ def append_docs(info: dict[str, str], args: argparse.Namespace, rows: list[Row])
                f"Score-CAM on the CPU\n"
                f"- ours: {args.fast}\n\n"
                f"{table(rows)}\n\n" + "\n".join(goals(rows, args.device_used)) + "\n")
-    with DOCS.open("a", encoding="utf-8") as handle:
-        handle.write(header + section)
+    record_section(section, args.device_used)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -274,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(goals(rows, device)))
     if not args.no_append:
         append_docs(info, args, rows)
-        print(f"\nappended to {DOCS}")
+        print(f"\nwritten to {DOCS}")
 
 
 if __name__ == "__main__":

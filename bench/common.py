@@ -1,4 +1,4 @@
-"""What every benchmark records about the machine it ran on."""
+"""What every benchmark records about the machine it ran on, and where its figures go."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+DOCS_HEADER = "# Benchmarks\n\nEach section is written by the benchmark that produced it.\n"
+# the parts of docs/benchmarks.md, in order; a section goes at the end of its device's part
+CPU_PART = "# On the 2-core CPU"
+GPU_PART = "# On an NVIDIA"
+NOTES_PART = "# Reading these figures"
 
 
 def cpu_name() -> str:
@@ -45,3 +52,18 @@ def add_cudnn_flag(parser) -> None:
 
 def apply_cudnn_flag(args) -> None:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+
+
+def record_section(section: str, device: torch.device | str, docs: Path = DOCS) -> Path:
+    """Write a benchmark's ``section`` into ``docs`` at the end of its device's part (CPU
+    figures before the first GPU part, GPU figures before the reading notes), or at the end
+    of the file when it has no such part; returns the file."""
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    text = docs.read_text(encoding="utf-8") if docs.exists() else DOCS_HEADER
+    following = (GPU_PART, NOTES_PART) if torch.device(device).type == "cpu" else (NOTES_PART,)
+    lines = text.splitlines(keepends=True)
+    at = next((index for index, line in enumerate(lines) if line.startswith(following)), len(lines))
+    before, after = "".join(lines[:at]), "".join(lines[at:])
+    block = "\n" + section.strip("\n") + "\n" + ("\n" if after else "")
+    docs.write_text(before.rstrip("\n") + "\n" + block + after, encoding="utf-8")
+    return docs

@@ -36,18 +36,16 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from bench.common import add_cudnn_flag, apply_cudnn_flag, cpu_name
+from bench.common import add_cudnn_flag, apply_cudnn_flag, cpu_name, record_section
 from explainers.baselines import make_baseline
 from explainers.cam import GradCAM
 from explainers.igos import IGOSConfig, make_igos
 from explainers.metrics import deletion_insertion
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 IMAGES = ("chelsea", "coffee", "rocket", "astronaut")
 REFERENCE_AUC = {"igos++": (0.096, 0.481), "gradcam": (0.111, 0.386)}
 REFERENCE_SECONDS = {"igos++": (2.5, 3.1), "igos": (0.85, 1.15)}
@@ -288,10 +286,7 @@ def main() -> None:
         "",
         *[f"- {line}" for line in ratios],
     ]
-    DOCS.parent.mkdir(exist_ok=True)
-    with DOCS.open("a") as handle:
-        handle.write("\n".join(section) + "\n")
-    print(f"appended to {DOCS}")
+    print(f"written to {record_section(chr(10).join(section), device)}")
 
 
 if __name__ == "__main__":

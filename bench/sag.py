@@ -27,16 +27,14 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import add_cudnn_flag, apply_cudnn_flag, machine_info
+from bench.common import DOCS, add_cudnn_flag, apply_cudnn_flag, machine_info, record_section
 from explainers.sag import SAG, SAGConfig, SAGResult
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 REFERENCE_CPU_CAT_S = 30.9  # reference root search only, cat photo, 2-core CPU
 REFERENCE_GPU_S = (2.4, 25.6, 10.8)  # reference root search per photo on an H200: min, max, mean
 PHOTOS = ("chelsea", "coffee", "astronaut", "cat_and_coffee")
@@ -158,8 +156,6 @@ def table(rows: list[Row], device: torch.device) -> str:
 
 def append_docs(info: dict[str, str], args: argparse.Namespace, config: SAGConfig, rows: list[Row],
                 device: torch.device) -> None:
-    DOCS.parent.mkdir(exist_ok=True)
-    header = "" if DOCS.exists() else "# Benchmarks\n\nEach section is appended by the benchmark that produced it.\n"
     mode = "quick check (not a measurement)" if args.quick else "full run"
     if busy():
         mode += "; busy shared machine, times are not a measurement (forward counts are)"
@@ -178,8 +174,7 @@ def append_docs(info: dict[str, str], args: argparse.Namespace, config: SAGConfi
                f"- 'images' = images through the network (the forward-pass count, ordering included; batch-1 "
                f"code would run that many forwards), 'asked' = patch sets the search requested\n\n"
                f"{table(rows, device)}\n")
-    with DOCS.open("a", encoding="utf-8") as handle:
-        handle.write(header + section)
+    record_section(section, device)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -227,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows, device))
     if not args.no_append:
         append_docs(info, args, config, rows, device)
-        print(f"\nappended to {DOCS}")
+        print(f"\nwritten to {DOCS}")
 
 
 if __name__ == "__main__":
