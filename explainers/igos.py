@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from explainers.baselines import BaselineKind, make_baseline
-from explainers.batching import images_per_forward
+from explainers.batching import images_per_backward, images_per_forward
 from explainers.errors import ExplainError
 from explainers.fastpath import compiled_network, network_for
 from explainers.result import Explanation, normalize_maps, resolve_targets
@@ -99,7 +99,7 @@ class IGOSConfig:
     line_search_objective: Literal["integrated", "endpoint"] = "integrated"
     line_search_noise: Literal["shared", "fresh"] = "shared"
     warm_start: bool = False  # start backtracking at the last accepted step / backtrack
-    max_batch: int | None = None  # images per forward; None: the device's default (explainers.batching)
+    max_batch: int | None = None  # images per forward (and forward + backward); None: the device's defaults (explainers.batching)
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     network: Literal["auto", "as_loaded", "lean"] = "auto"
     compile: bool = False  # torch.compile the network on CUDA (workers: UNBOX_FAST_COMPILE)
@@ -320,6 +320,7 @@ class _MaskSearch:
         if cfg.mask_size > min(height, width):
             raise ExplainError("invalid_params", f"mask_size {cfg.mask_size} exceeds the input size {min(height, width)}")
         max_batch, trials_per_batch, dtype = self._settings(device)
+        backward_batch = images_per_backward(device, self.config.max_batch)
         with torch.no_grad():
             logits = self.model(inputs).float()
         target_idx = resolve_targets(logits, targets)
@@ -353,7 +354,8 @@ class _MaskSearch:
             with torch.enable_grad():
                 term_masks = self._term_masks(leaves, size)
                 values, grad_terms = self._path_scores(term_masks.detach()[None], inputs, base, target_idx, times,
-                                                       noise, dtype, max_batch, grad_of=term_masks.detach()[None])
+                                                       noise, dtype, backward_batch,
+                                                       grad_of=term_masks.detach()[None])
                 regular = self._regulariser(leaves, inputs, edge)
                 objective = self.search_term_scale * values[0] + regular
                 surrogate = (term_masks * grad_terms[0]).sum() + regular.sum()
