@@ -23,7 +23,7 @@ import copy
 import statistics
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -149,6 +149,13 @@ def bench_model(name: str, methods: list[str], args: argparse.Namespace, device:
             reference_ms, maps = timed(lambda: cam(inputs, targets=targets), reference_repeats, device, warmup)
             corr = correlation(explanation.saliency, maps)
         rows.append(Row(name, method, ours_ms, reference_ms, "pytorch-grad-cam", corr, note))
+        if method == "scorecam" and explanation.details.get("runtime") == "onnxruntime":
+            # the same Score-CAM with PyTorch running the masked forwards (explainers.onnx_cpu)
+            eager = ScoreCAM(module, layer, fastpath=replace(fast, cpu_runtime="torch"), memory_budget_mb=args.memory_mb)
+            eager_ms, eager_map = timed(lambda: eager.explain(inputs, target), args.repeats, device, warmup)
+            rows.append(Row(name, "scorecam vs PyTorch forwards", ours_ms, eager_ms, "ours with PyTorch forwards",
+                            correlation(explanation.saliency, eager_map.saliency.cpu().numpy()),
+                            "ratio = PyTorch forwards / ONNX Runtime forwards"))
         if method == "gradcam" and name == "efficientnet_lite0":
             bare_ms, _ = timed(bare_forward_backward(module, inputs, target), args.repeats, device)
             rows.append(Row(name, "gradcam vs bare fwd+bwd", ours_ms, bare_ms, "bare forward+backward", None,

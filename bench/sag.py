@@ -15,7 +15,9 @@ per forward (``max_batch=1``: the reference's way of running the network, with o
 forward counts are images through the network; "asked" counts the patch sets the algorithm
 requested (what an implementation without a cache would evaluate). Where scoring is incremental
 (a CPU by default: one-patch changes through a crop of the early layers), the same search with
-every image through the whole network runs beside it ("whole-forward"). Times are the median of
+every image through the whole network runs beside it ("whole-forward"), and where ONNX Runtime
+runs the forwards (a CPU with it installed), the same search with PyTorch running them
+("PyTorch-forward"). Times are the median of
 ``--repeats`` runs after one untimed explanation of the first photo; on CUDA every run ends
 with a device sync (the search's per-step score copy already syncs).
 """
@@ -62,6 +64,7 @@ class Row:
     unbatched_seconds: float | None
     first_seconds: float  # the first run in the process for this photo (new batch shapes pay there)
     whole_seconds: float | None  # the same search with every image through the whole network
+    torch_seconds: float | None  # the same search with PyTorch running the forwards (ours: ONNX Runtime)
 
     @property
     def forward(self) -> dict[str, int]:
@@ -91,20 +94,25 @@ def bench_photo(name: str, model, config: SAGConfig, args: argparse.Namespace) -
     with torch.inference_mode():  # warm-up: allocator, kernels
         model.module(inputs.contiguous(memory_format=torch.channels_last))
     runs = [run_once(sag, inputs)]
-    # the whole-forward comparison alternates with ours run by run, so that a shared machine's
-    # drifting speed falls on both alike
-    plain = explainer(incremental="off") if args.whole and runs[0][0].details["incremental"] else None
-    whole_runs = []
-    for _ in range(args.repeats - 1 if plain is None else args.repeats):
-        if plain is not None:
-            whole_runs.append(run_once(plain, inputs)[1])
+    # the comparisons alternate with ours run by run, so that a shared machine's drifting speed
+    # falls on all alike: every image through the whole network (when ours is incremental), and
+    # PyTorch running the forwards (when ours runs them in ONNX Runtime)
+    first = runs[0][0].details
+    others = {"whole": explainer(incremental="off") if args.whole and first["incremental"] else None,
+              "torch": explainer(cpu_runtime="torch") if args.torch and first["runtime"] != "torch" else None}
+    others = {kind: other for kind, other in others.items() if other is not None}
+    other_runs: dict[str, list[float]] = {kind: [] for kind in others}
+    for _ in range(args.repeats if others else args.repeats - 1):
+        for kind, other in others.items():
+            other_runs[kind].append(run_once(other, inputs)[1])
         if len(runs) < args.repeats:
             runs.append(run_once(sag, inputs))
     result = runs[-1][0]
     seconds = statistics.median(t for _, t in runs)
     unbatched = run_once(explainer(max_batch=1), inputs)[1] if args.unbatched else None
-    whole = statistics.median(whole_runs) if whole_runs else None
-    return Row(name, model.labels[result.target], result, seconds, unbatched, runs[0][1], whole)
+    medians = {kind: statistics.median(times) for kind, times in other_runs.items()}
+    return Row(name, model.labels[result.target], result, seconds, unbatched, runs[0][1], medians.get("whole"),
+               medians.get("torch"))
 
 
 def busy() -> bool:
@@ -128,9 +136,9 @@ def fmt(value: float | None, digits: int = 2) -> str:
 def table(rows: list[Row], device: torch.device) -> str:
     lines = ["| photo (target) | ordering | roots (sizes) | graph nodes / edges | images (asked) / batches "
              "| incremental images | ordering s | search s | graph s | total s | first run s | whole-forward total s "
-             "| incremental gain | batch-1 total s | batch gain "
+             "| incremental gain | PyTorch-forward total s | ONNX Runtime gain | batch-1 total s | batch gain "
              "| reference root search s | reference / ours (search) | reference / ours (total) |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         f, t = r.forward, r.phase_s
         sizes = ",".join(str(len(root.patches)) for root in r.result.roots) or "none"
@@ -148,6 +156,7 @@ def table(rows: list[Row], device: torch.device) -> str:
             f"{f['images']} ({f['requested_sets']}) / {f['scorer_batches'] + 1} | {f.get('incremental_images', 0)} | "
             f"{fmt(t['ordering'])} | {fmt(t['search'])} | {fmt(t['graph'])} | {fmt(r.seconds)} | {fmt(r.first_seconds)} | "
             f"{fmt(r.whole_seconds)} | {fmt(r.whole_seconds / r.seconds if r.whole_seconds else None, 2)} | "
+            f"{fmt(r.torch_seconds)} | {fmt(r.torch_seconds / r.seconds if r.torch_seconds else None, 2)} | "
             f"{fmt(r.unbatched_seconds)} | "
             f"{fmt(gain, 1)} | {ref_text} | {fmt(reference / search_s if reference else None, 1)} | "
             f"{fmt(reference / r.seconds if reference else None, 1)} |")
@@ -168,7 +177,8 @@ def append_docs(info: dict[str, str], args: argparse.Namespace, config: SAGConfi
                f"patches, {config.baseline} baseline, beam {config.beam_width}, successors {config.successors}, "
                f"threshold {config.threshold}, max root size {config.max_root_size}, max roots {config.max_roots}, "
                f"graph from {config.graph_roots} roots (overlap <= {config.overlap_limit}) while >= "
-               f"{config.graph_threshold:.0%}, at most {config.max_nodes} nodes; median of {args.repeats} run(s); "
+               f"{config.graph_threshold:.0%}, at most {config.max_nodes} nodes; patch-set forwards in "
+               f"{rows[0].result.details['runtime'] if rows else '-'}; median of {args.repeats} run(s); "
                f"'first run' = the first of them, which pays for batch shapes the process has not seen\n"
                f"- {goal}; reference figures from the issue (batch-1 reference code, root search only)\n"
                f"- 'images' = images through the network (the forward-pass count, ordering included; batch-1 "
@@ -191,13 +201,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="incremental scoring of one-patch changes (auto: on a CPU)")
     parser.add_argument("--no-whole", dest="whole", action="store_false",
                         help="skip the same search with whole forwards (run when scoring is incremental)")
+    parser.add_argument("--cpu-runtime", choices=["auto", "torch", "onnxruntime"], default="auto",
+                        help="runtime of the patch-set forwards on a CPU (auto: ONNX Runtime when installed)")
+    parser.add_argument("--no-torch", dest="torch", action="store_false",
+                        help="skip the same search with PyTorch running the forwards (run when ours uses ONNX Runtime)")
     parser.add_argument("--quick", action="store_true", help="the cat photo, one run, no batch-1 run")
     add_cudnn_flag(parser)
     args = parser.parse_args(argv)
     apply_cudnn_flag(args)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     if args.quick:
-        args.images, args.repeats, args.unbatched, args.whole = ["chelsea"], 1, False, False
+        args.images, args.repeats, args.unbatched, args.whole, args.torch = ["chelsea"], 1, False, False, False
     return args
 
 
@@ -209,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
                           else "cpu" if args.device == "auto" else args.device)
     info = machine(device)
     model = ModelRegistry(load_catalog(None), str(device)).get("efficientnet_lite0")
-    config = SAGConfig(ordering=args.ordering, baseline=args.baseline, incremental=args.incremental)
+    config = SAGConfig(ordering=args.ordering, baseline=args.baseline, incremental=args.incremental,
+                       cpu_runtime=args.cpu_runtime)
     first, _ = model.preprocessor.to_input(photo(args.images[0]))
     # warm-up: one whole explanation, so that kernel/primitive set-up for every batch shape
     # (oneDNN on a CPU, cuDNN on CUDA) is not charged to the first photo

@@ -18,8 +18,9 @@ from torch import nn
 from explainers.batching import images_per_forward
 from explainers.capture import LayerCapture
 from explainers.fastpath import (EXACT, FastPath, batch_size_for_budget, channels_last, gradcam_graph,
-                                 inference, logits_runner, module_device, network_for)
+                                 inference, logits_runner, module_device, scoring_forward)
 from explainers.errors import ExplainError
+from explainers.onnx_cpu import OnnxForward
 from explainers.result import Explanation, normalize_maps, resolve_targets
 
 
@@ -192,6 +193,7 @@ class ScoreCAM(ActivationCAM):
         self.batch_size = batch_size
         self.memory_budget_mb = memory_budget_mb
         self.ranking = ranking
+        self.runtime = "torch"  # what ran the masked forwards last (set per batch)
         # CPU throughput peaks at small batches (cache-resident activations, explainers.batching);
         # a GPU wants big ones
         cuda = self.device.type == "cuda"
@@ -238,6 +240,7 @@ class ScoreCAM(ActivationCAM):
             "constant_channels": constant_total,
             "forward_passes": passes + 1,  # + the forward that captured the activations
             "batch_size": batch,
+            "runtime": self.runtime,  # what ran the masked forwards (explainers.onnx_cpu on a CPU)
         })
         if fast:
             self.details["ranking"] = self.ranking
@@ -278,7 +281,10 @@ class ScoreCAM(ActivationCAM):
         runner = logits_runner(self.model, (batch, *masked.shape[1:]), self.fastpath)
         if runner is not None:
             return runner.target_scores(masked, target)
-        network = network_for(self.model, masked)
+        # ONNX Runtime on a CPU in fp32 only (it would not honour a reduced-precision autocast)
+        runtime = self.fastpath.cpu_runtime if self.fastpath.dtype(self.device) is None else "torch"
+        network = scoring_forward(self.model, masked, runtime)
+        self.runtime = "onnxruntime" if isinstance(network, OnnxForward) else "torch"
         with inference(self.device, self.fastpath):
             logits = network(masked)
         return logits.float().index_select(1, target.reshape(1)).reshape(-1)

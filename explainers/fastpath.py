@@ -30,8 +30,10 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 from torch import nn
 
+from explainers import onnx_cpu
 from explainers.capture import LayerCapture
 from explainers.lean import frozen_copy, lean_network, same_arithmetic_network
+from explainers.onnx_cpu import CpuRuntime
 
 logger = logging.getLogger("unbox.fastpath")
 
@@ -52,6 +54,7 @@ class FastPath:
     channels_last: bool = True
     compile: bool = False
     cuda_graphs: bool = False
+    cpu_runtime: CpuRuntime = "auto"  # forward-only batches on a CPU: ONNX Runtime when installed
 
     def dtype(self, device: torch.device) -> torch.dtype | None:
         """The autocast dtype on ``device``, or ``None`` for plain fp32."""
@@ -188,6 +191,19 @@ def network_for(module: nn.Module, example: torch.Tensor, lean: bool = True) -> 
         return private_copy(module, True)
     except Exception:  # e.g. a TorchScript module deepcopy refuses
         return module
+
+
+def scoring_forward(module: nn.Module, example: torch.Tensor,
+                    cpu_runtime: CpuRuntime = "auto") -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits of image batches for explainers that only score (no gradient, no hooks):
+    :func:`network_for`'s lean network, run by ONNX Runtime on a CPU when ``cpu_runtime``
+    wants it and the network exports (:mod:`explainers.onnx_cpu`)."""
+    network = network_for(module, example)
+    if onnx_cpu.wanted(cpu_runtime, example.device):
+        exported = onnx_cpu.cached_forward(network, "whole", network, example[:1])
+        if exported is not None:
+            return exported
+    return network
 
 
 class CompiledOrEager:

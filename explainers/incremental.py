@@ -39,12 +39,26 @@ PrefixRun = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class NetworkSplit:
-    """A network cut into local ``prefix`` layers and the ``suffix`` that ends in the logits."""
+    """A network cut into local ``prefix`` layers and the ``suffix`` that ends in the logits
+    (both modules of the network's own layers; callers may swap in other runs of them)."""
 
     prefix: PrefixRun
     suffix: PrefixRun
     stride: int  # input pixels per prefix-output cell
     reach: int   # R above: how far (input pixels) beyond its own cell a prefix-output cell sees
+    units: int = 0  # how many of the network's sequential units the prefix holds
+
+
+class _Suffix(nn.Module):
+    """The units after the prefix and the network's head, as one module (exportable)."""
+
+    def __init__(self, units: list[nn.Module], head: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.units = nn.Sequential(*units)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.units(x))
 
 
 @dataclass(frozen=True)
@@ -150,19 +164,7 @@ def split_network(network: nn.Module, example: torch.Tensor, patch: int,
     if best is None or best[0] < 2:
         return None
     count, stride, reach = best
-    prefix_units, suffix_units = units[:count], units[count:]
-
-    def prefix(x: torch.Tensor) -> torch.Tensor:
-        for unit in prefix_units:
-            x = unit(x)
-        return x
-
-    def suffix(x: torch.Tensor) -> torch.Tensor:
-        for unit in suffix_units:
-            x = unit(x)
-        return head(x)
-
-    return NetworkSplit(prefix, suffix, stride, reach)
+    return NetworkSplit(nn.Sequential(*units[:count]), _Suffix(units[count:], head), stride, reach, count)
 
 
 def window_for(box: tuple[int, int, int, int], size: tuple[int, int], split: NetworkSplit,

@@ -34,7 +34,8 @@ from torch import nn
 
 from explainers.baselines import BaselineKind, make_baseline
 from explainers.batching import images_per_forward
-from explainers.fastpath import network_for
+from explainers.fastpath import scoring_forward
+from explainers.onnx_cpu import CpuRuntime
 
 DEFAULT_STEPS = 50
 DEFAULT_CELLS = 28  # the I-GOS papers' mask side
@@ -132,13 +133,15 @@ def _area(curves: torch.Tensor, fractions: torch.Tensor, rule: AucRule) -> torch
 def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.Tensor, targets: torch.Tensor,
                        steps: int = DEFAULT_STEPS, baseline: torch.Tensor | BaselineKind = "blur",
                        max_batch: int | None = None, baseline_description: dict[str, Any] | None = None,
-                       unit: MetricUnit = "pixel", cells: int = DEFAULT_CELLS, auc: AucRule = "trapezoid") -> Faithfulness:
+                       unit: MetricUnit = "pixel", cells: int = DEFAULT_CELLS, auc: AucRule = "trapezoid",
+                       cpu_runtime: CpuRuntime = "auto") -> Faithfulness:
     """Deletion and insertion curves of ``saliency`` (``B x h x w``, high = important).
 
     ``inputs`` is the normalised batch the model takes, ``targets`` one class per image,
     ``baseline`` a tensor like ``inputs`` (described by ``baseline_description`` in the
     protocol) or a kind for :func:`explainers.baselines.make_baseline`; ``unit``, ``cells`` and
-    ``auc`` choose the protocol (module docstring).
+    ``auc`` choose the protocol (module docstring); ``cpu_runtime`` what runs the forwards on
+    a CPU (:func:`explainers.fastpath.scoring_forward`).
     """
     if steps < 1:
         raise ValueError("steps must be >= 1")
@@ -157,7 +160,7 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.T
     points = steps + 1
     # Work list: (curve kind, step) pairs; each pair yields one image per batch element.
     per_chunk = max(1, images_per_forward(inputs.device, max_batch) // batch)
-    network = network_for(model, inputs)
+    network = scoring_forward(model, inputs, cpu_runtime)
     scores = []
     for start in range(0, 2 * points, per_chunk):
         entries = torch.arange(start, min(start + per_chunk, 2 * points), device=inputs.device)
@@ -185,9 +188,10 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.T
 
 
 def map_metrics(model: nn.Module, inputs: torch.Tensor, saliency: torch.Tensor, targets: torch.Tensor,
-                steps: int = DEFAULT_STEPS, unit: MetricUnit = "pixel") -> dict[str, Any]:
+                steps: int = DEFAULT_STEPS, unit: MetricUnit = "pixel", cpu_runtime: CpuRuntime = "auto") -> dict[str, Any]:
     """``{"deletion_auc", "insertion_auc", "protocol"}`` of one image's map (blurred baseline,
     trapezoidal AUC, ``unit`` pixels or 28 x 28 cells): what ``/v1/explain`` returns with
     ``metrics=true``."""
-    scores = deletion_insertion(model, inputs[:1], saliency[:1], targets[:1], steps=steps, baseline="blur", unit=unit)
+    scores = deletion_insertion(model, inputs[:1], saliency[:1], targets[:1], steps=steps, baseline="blur", unit=unit,
+                                cpu_runtime=cpu_runtime)
     return scores.as_json(0, curves=False)

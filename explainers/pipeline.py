@@ -20,7 +20,7 @@ from torch import nn
 from explainers.cam import CAM, ActivationCAM, GradCAM, ScoreCAM
 from explainers.errors import ExplainError
 from explainers.metrics import MetricUnit, map_metrics
-from explainers.fastpath import FastPath
+from explainers.fastpath import EXACT, FastPath
 from explainers.render import blend, encode_png, fit_within, to_uint8
 from explainers.result import Explanation
 
@@ -157,8 +157,8 @@ def explain_image(model: ModelHandle, image: Image.Image, method: str = "gradcam
     explained = time.perf_counter()
     pictures = render_pictures(image, explanation.saliency[0], model.preprocessor, overlay_max_side)
     finished = time.perf_counter()
-    scores = (map_metrics(model.module, inputs, explanation.saliency, explanation.targets, unit=metrics)
-              if metrics else None)
+    scores = (map_metrics(model.module, inputs, explanation.saliency, explanation.targets, unit=metrics,
+                          cpu_runtime=(fastpath or EXACT).cpu_runtime) if metrics else None)
     return ImageExplanation(
         model=model.name,
         method=method,

@@ -34,7 +34,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from explainers import onnx_cpu
 from explainers.batching import images_per_forward
 from explainers.errors import ExplainError
 from explainers.fastpath import network_for
@@ -79,6 +80,9 @@ class SAGConfig:
     # one-patch changes scored through a crop of the network's local prefix
     # (explainers.incremental); auto: on a CPU, where a forward's cost is its pixel count
     incremental: Literal["auto", "on", "off"] = "auto"
+    # runtime of the patch-set forwards on a CPU (explainers.onnx_cpu); auto: ONNX Runtime when
+    # installed. The coarse I-GOS ordering needs gradients and stays on PyTorch
+    cpu_runtime: onnx_cpu.CpuRuntime = "auto"
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,8 @@ class PatchScorer:
     def __init__(self, model: nn.Module, inputs: torch.Tensor, baseline: torch.Tensor, target: int,
                  grid: int, max_batch: int, autocast_dtype: torch.dtype | None = None) -> None:
         self.model = model
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = model  # whole images to logits
+        self.runtime = "torch"
         self.target = target
         self.grid = grid
         self.max_batch = max(1, max_batch)
@@ -209,6 +215,26 @@ class PatchScorer:
     @property
     def patch_count(self) -> int:
         return self.grid * self.grid
+
+    def use_onnx_runtime(self) -> None:
+        """Score through ONNX Runtime (:mod:`explainers.onnx_cpu`): the whole network, and the
+        incremental split's prefix and suffix when there is one; parts it cannot export stay
+        on PyTorch. Call after :meth:`use_incremental`."""
+        example = self.baseline.detach()
+        whole = onnx_cpu.cached_forward(self.model, "whole", self.model, example)
+        if whole is not None:
+            self.forward, self.runtime = whole, "onnxruntime"
+        incremental = self.incremental
+        if incremental is None:
+            return
+        split = incremental.split
+        with torch.inference_mode():
+            middle = split.prefix(example)
+        prefix = onnx_cpu.cached_forward(self.model, f"prefix-{split.units}", split.prefix, example)
+        suffix = onnx_cpu.cached_forward(self.model, f"suffix-{split.units}", split.suffix, middle)
+        if prefix is not None and suffix is not None:
+            incremental.split = replace(split, prefix=prefix, suffix=suffix)
+            self.runtime = "onnxruntime"
 
     def use_incremental(self) -> int:
         """Score one-patch changes incrementally when the network's layout allows it; returns
@@ -259,7 +285,7 @@ class PatchScorer:
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Target probability per image of a prepared batch (stays on the device)."""
-        return self._probabilities_of(self._run(self.model, batch))
+        return self._probabilities_of(self._run(self.forward, batch))
 
     def _whole(self, keys: list[int]) -> torch.Tensor:
         """Probabilities of ``keys`` from whole forwards (their prefix outputs kept when split)."""
@@ -342,6 +368,8 @@ class SAG:
             raise ExplainError("invalid_parameter", "counts and sizes must be positive")
         if cfg.incremental not in ("auto", "on", "off"):
             raise ExplainError("invalid_parameter", "incremental must be auto, on or off")
+        if cfg.cpu_runtime not in ("auto", "torch", "onnxruntime"):
+            raise ExplainError("invalid_parameter", "cpu_runtime must be auto, torch or onnxruntime")
 
     # -- entry point -----------------------------------------------------------------------
     def explain(self, inputs: torch.Tensor, target: int | None = None,
@@ -370,6 +398,8 @@ class SAG:
         precision, probes = self._choose_precision(scorer, full_score)
         if cfg.incremental == "on" or (cfg.incremental == "auto" and inputs.device.type == "cpu"):
             probes += scorer.use_incremental()  # the split is read off one forward of the baseline
+        if onnx_cpu.wanted(cfg.cpu_runtime, inputs.device):
+            scorer.use_onnx_runtime()
         timings["setup"] = time.perf_counter() - started
 
         mark = time.perf_counter()
@@ -405,6 +435,7 @@ class SAG:
                 "graph_threshold": cfg.graph_threshold * full_score,
                 "baseline": cfg.baseline,
                 "precision": precision,
+                "runtime": scorer.runtime,
                 "search_steps": steps,
                 "incremental": None if scorer.verified is None else {
                     "verified": scorer.verified,
@@ -538,6 +569,16 @@ class SAG:
         edges = [SAGEdge(ids[parent], ids[child], p, scorer.cache[parent] - scorer.cache[child])
                  for parent, child, p in dict.fromkeys(links)]
         return nodes, edges, truncated
+
+
+def warm_cpu_runtime(model: nn.Module, inputs: torch.Tensor, grid: int = SAGConfig.grid) -> str:
+    """Export now the networks SAG's scorer runs in ONNX Runtime for images of ``inputs``' size
+    (cached per network; about 2 s for efficientnet_lite0), so that no job pays for it; returns
+    the runtime the scorer will use."""
+    scorer = PatchScorer(network_for(model, inputs), inputs, torch.zeros_like(inputs), 0, grid, 1)
+    scorer.use_incremental()
+    scorer.use_onnx_runtime()
+    return scorer.runtime
 
 
 def select_roots(found: list[int], scores: dict[int, float], overlap_limit: int, count: int) -> list[int]:

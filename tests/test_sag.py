@@ -56,8 +56,9 @@ def toy_image() -> torch.Tensor:
 
 
 def toy_sag(**overrides: object) -> tuple[ToyNet, SAG]:
-    net = ToyNet()
-    config = SAGConfig(**{"ordering": "occlusion", "max_roots": 6, "max_root_size": 4, **overrides})
+    net = ToyNet()  # records its own batches: scored by PyTorch, not an exported copy
+    config = SAGConfig(**{"ordering": "occlusion", "max_roots": 6, "max_root_size": 4, "cpu_runtime": "torch",
+                          **overrides})
     return net, SAG(net, config, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
@@ -261,6 +262,7 @@ def test_real_graph_scores_equal_direct_evaluation(default_model, cat_result):
     assert [node.score for node in result.nodes] == pytest.approx(direct, abs=1e-4)
     # on a CPU these scores came mostly from incremental (cropped) forwards, checked once
     assert result.details["incremental"]["verified"] and result.details["forward"]["incremental_images"] > 0
+    assert result.details["runtime"] == "onnxruntime"  # the CPU default (explainers.onnx_cpu)
     roots = [set(node.patches) for node in result.graph_roots]
     assert all(len(a & b) <= REAL.overlap_limit for i, a in enumerate(roots) for b in roots[i + 1:])
     assert len(result.nodes) <= REAL.max_nodes

@@ -97,7 +97,8 @@ def run_igos(method: str, model: Any, image: Any, target: int | None, params: IG
     faithfulness = deletion_insertion(model.module, inputs, explanation.saliency, explanation.targets,
                                       steps=params.metric_steps, baseline=baseline,
                                       baseline_description=baseline_info, unit=params.metric_unit,
-                                      cells=params.metric_cells, auc=params.metric_auc)
+                                      cells=params.metric_cells, auc=params.metric_auc,
+                                      cpu_runtime=settings.cpu_runtime)
     scored = time.perf_counter()
     pictures = render_pictures(image, explanation.saliency[0], model.preprocessor, settings.overlay_max_side)
     logits = explanation.logits[0]

@@ -18,7 +18,7 @@ from explainers.pipeline import target_prediction, top_predictions
 from explainers.sag import SAG, SAGConfig, SAGResult
 from explainers.sag_render import render_svg, root_pictures, roots_overlay
 from workers.methods import JobMethod, ProgressReporter, register
-from workers.runtime import overlay_max_side
+from workers.runtime import overlay_max_side, runtime_settings
 
 ROOT_PICTURE_SIDE = 256  # each root's own overlay stays small; picture_png has the full size
 
@@ -47,7 +47,7 @@ class SagParams(BaseModel):
 
 def _config(params: SagParams) -> SAGConfig:
     values = params.model_dump(exclude={"top_k"})
-    return SAGConfig(**values)
+    return SAGConfig(**values, cpu_runtime=runtime_settings().cpu_runtime)
 
 
 def result_json(result: SAGResult) -> dict[str, Any]:
@@ -74,6 +74,7 @@ def result_json(result: SAGResult) -> dict[str, Any]:
         "truncated": result.truncated,
         "forward_passes": result.details["forward"],
         "incremental": result.details["incremental"],  # None when every image ran whole
+        "runtime": result.details["runtime"],  # what ran the patch-set forwards: torch or onnxruntime
     }
 
 

@@ -51,13 +51,17 @@ class CoreSettings(BaseSettings):
     fast_cuda_graphs: bool = Field(True, description="CUDA-graph replay of fixed-shape forwards and "
                                    "Grad-CAM's forward + backward (CUDA only)")
     fast_warmup: bool = Field(True, description="compile/capture at start-up so no request pays for it")
+    cpu_runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="runtime of forward-only explainer batches on a CPU (SAG's patch sets, Score-CAM's "
+        "masked images, deletion / insertion curves): auto = ONNX Runtime when installed (about 1.5x PyTorch's "
+        "eager forwards on efficientnet_lite0), else PyTorch")
 
     def fast_path(self) -> FastPath:
         """The explainers' execution options from these settings (imported lazily: settings stay light)."""
         from explainers.fastpath import FastPath
 
         return FastPath(precision=self.fast_precision, channels_last=self.fast_channels_last,
-                        compile=self.fast_compile, cuda_graphs=self.fast_cuda_graphs)
+                        compile=self.fast_compile, cuda_graphs=self.fast_cuda_graphs, cpu_runtime=self.cpu_runtime)
 
     # --- job queue (Redis + RQ): shared by the API, the workers and `unbox serve` ---
     redis_url: str | None = Field(None, description="redis://host:port/db; unset: `unbox serve` embeds one")

@@ -58,3 +58,17 @@ def warm_igos_compile(model: Any, settings: CoreSettings) -> None:
             make_igos(method, model.module, IGOSConfig.for_method(method, iterations=1, compile=True)).explain(noise)
 
     _warm(model, "I-GOS compile warm-up", run)
+
+
+def warm_sag_runtime(model: Any, settings: CoreSettings) -> None:
+    """On a CPU with ONNX Runtime wanted (``UNBOX_CPU_RUNTIME``), export the networks SAG's
+    scorer runs there now, so that the first ``sag`` job does not pay for it. Workers only. A
+    failure only means PyTorch scoring."""
+    from explainers import onnx_cpu
+
+    if not (settings.fast_warmup and onnx_cpu.wanted(settings.cpu_runtime, model.device)):
+        return
+    from explainers.sag import warm_cpu_runtime
+
+    _warm(model, "SAG ONNX Runtime export", lambda noise: logger.info("SAG scores with %s",
+                                                                      warm_cpu_runtime(model.module, noise)))
