@@ -38,7 +38,8 @@ from torch import nn
 from explainers.baselines import BaselineKind, make_baseline
 from explainers.batching import images_per_backward, images_per_forward
 from explainers.errors import ExplainError
-from explainers.fastpath import compiled_network, network_for
+from explainers.fastpath import compiled_network, network_for, scoring_forward
+from explainers.onnx_cpu import CpuRuntime
 from explainers.result import Explanation, normalize_maps, resolve_targets
 
 ProgressCallback = Callable[[int, int], None]
@@ -75,7 +76,10 @@ class IGOSConfig:
     ``as_loaded`` keeps the network's arithmetic and, on a CPU, the NCHW layout (there a copy
     whose layers are swapped for less memory traffic, :mod:`explainers.lean_layers`, logits
     bit-identical; SAG's coarse ordering about a tenth faster over 14 photos, the same orders).
-    ``compile`` (CUDA only): the network through
+    ``cpu_runtime``: with the lean network on a CPU in float32, the forward-only images (line
+    search trials) run in ONNX Runtime when it is wanted and installed
+    (:func:`explainers.fastpath.scoring_forward`); path images that need gradients stay on
+    PyTorch. ``compile`` (CUDA only): the network through
     ``torch.compile``, compiled once per batch shape and cached per network (I-GOS++ on an
     H200, compiling the network as loaded: 0.83 -> 0.57 s per image; about 35 s for the first
     job's shapes).
@@ -103,6 +107,7 @@ class IGOSConfig:
     max_batch: int | None = None  # images per forward (and forward + backward); None: the device's defaults (explainers.batching)
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     network: Literal["auto", "as_loaded", "lean"] = "auto"
+    cpu_runtime: CpuRuntime = "auto"  # forward-only scoring on a CPU with a lean network (workers: UNBOX_CPU_RUNTIME)
     compile: bool = False  # torch.compile the network on CUDA (workers: UNBOX_FAST_COMPILE)
     seed: int = 0
 
@@ -184,6 +189,7 @@ class _MaskSearch:
     def __init__(self, model: nn.Module, config: IGOSConfig | None = None) -> None:
         self.model = model
         self.config = config or IGOSConfig.for_method(self.method)
+        self.forward_runtime = "torch"  # what ran the last forward-only images (line search)
 
     # -- the pieces subclasses define -------------------------------------------------------
     def _terms(self) -> list[tuple[int, int, float]]:
@@ -207,6 +213,10 @@ class _MaskSearch:
         """The network path images go through (see ``IGOSConfig.network``)."""
         choice = self.config.network
         lean = choice in ("lean", "auto")
+        if lean and dtype is None and not torch.is_grad_enabled() and not images.is_cuda:
+            scoring = scoring_forward(self.model, images, self.config.cpu_runtime)
+            self.forward_runtime = "torch" if isinstance(scoring, nn.Module) else "onnxruntime"
+            return scoring
         network = network_for(self.model, images, lean=lean)
         if self.config.compile and images.is_cuda:
             return compiled_network(network)
@@ -219,7 +229,7 @@ class _MaskSearch:
         # the lean copy and CUDA's private copies (compiled or not) run channels-last; the CPU's
         # copy with the loaded network's arithmetic keeps its layout (NCHW), so results stay
         as_loaded_on_cpu = self.config.network == "as_loaded" and not images.is_cuda
-        if network is not self.model and not as_loaded_on_cpu:
+        if isinstance(network, nn.Module) and network is not self.model and not as_loaded_on_cpu:
             images = images.contiguous(memory_format=torch.channels_last)
         with precision:
             logits = network(images)
@@ -315,6 +325,7 @@ class _MaskSearch:
         evaluated.
         """
         cfg = self.config
+        self.forward_runtime = "torch"
         device = inputs.device
         inputs = inputs.detach().float()
         batch, _, height, width = inputs.shape
@@ -397,6 +408,7 @@ class _MaskSearch:
             "step_sizes": torch.stack(history_step, dim=1) if history_step else torch.empty(batch, 0),
             "images_evaluated": counts,
             "precision": str(dtype).replace("torch.", "") if dtype is not None else "float32",
+            "forward_runtime": self.forward_runtime,  # of the forward-only images; gradients: torch
         }
         return Explanation(self.method, normalize_maps(1 - final), logits, target_idx, None, details)
 

@@ -126,3 +126,18 @@ def test_scorecam_and_metrics_in_onnx_runtime_match_pytorch(default_model, coffe
     for curve in ("deletion_curve", "insertion_curve"):
         assert getattr(metrics["onnxruntime"], curve).flatten().tolist() == pytest.approx(
             getattr(metrics["torch"], curve).flatten().tolist(), rel=1e-4, abs=1e-6)
+
+
+def test_igos_line_search_in_onnx_runtime_gives_pytorchs_mask(default_model, chelsea):
+    from explainers.igos import IGOSConfig, make_igos
+
+    inputs, _ = default_model.preprocessor.to_input(chelsea)
+    results = {}
+    for runtime in ("torch", "onnxruntime"):
+        config = IGOSConfig.for_method("igos++", mask_size=7, iterations=3, steps=4, cpu_runtime=runtime)
+        results[runtime] = make_igos("igos++", default_model.module, config).explain(inputs)
+        assert results[runtime].details["forward_runtime"] == runtime
+        assert results[runtime].details["images_evaluated"]["forward"] > 0  # line-search trials ran
+    # the trials only choose step sizes; same choices, same mask (the gradients are PyTorch's in both)
+    torch_mask, onnx_mask = (results[r].details["mask"] for r in ("torch", "onnxruntime"))
+    assert float((torch_mask - onnx_mask).abs().max()) < 1e-4

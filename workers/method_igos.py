@@ -82,7 +82,7 @@ def run_igos(method: str, model: Any, image: Any, target: int | None, params: IG
     """Optimise, score and render one image; ``report`` may raise ``JobCanceled`` per iteration."""
     started = time.perf_counter()
     settings = load_core_settings()
-    config = replace(params.to_config(), compile=settings.fast_compile)
+    config = replace(params.to_config(), compile=settings.fast_compile, cpu_runtime=settings.cpu_runtime)
     report(0.0, "preparing")
     inputs, _ = model.preprocessor.to_input(image)
     baseline, baseline_info = make_baseline(inputs, config.baseline)
@@ -118,6 +118,7 @@ def run_igos(method: str, model: Any, image: Any, target: int | None, params: IG
         # the preset and metric_* fields as asked, then every optimisation parameter as used
         "params": {**params.model_dump(exclude=set(IGOSConfig.__dataclass_fields__)), **asdict(config)},
         "precision": explanation.details["precision"],
+        "forward_runtime": explanation.details["forward_runtime"],
         "images_evaluated": explanation.details["images_evaluated"],
         "timing_ms": {
             "optimise": round((optimised - started) * 1e3, 2),
