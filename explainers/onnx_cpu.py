@@ -1,10 +1,12 @@
 """Forward-only scoring on a CPU through ONNX Runtime.
 
-SAG scores hundreds of patch sets per image and never needs a gradient, so on a CPU its
-forwards can run in ONNX Runtime instead of PyTorch's eager kernels. For efficientnet_lite0
-(the lean copy: batch norm folded) on the 2-core CPU ONNX Runtime took 7.8-10.1 ms per image
-against PyTorch's 15.3-27.2 ms at batches of 1 to 48 (2026-11-27): its depthwise convolutions
-and fused clip activations cost less memory traffic than eager PyTorch's separate kernels.
+SAG's patch sets, Score-CAM's masked images, I-GOS's line-search trials and the deletion /
+insertion curves only score images: no gradient, no hooks. On a CPU those forwards can run in
+ONNX Runtime instead of PyTorch's eager kernels. For efficientnet_lite0 (the lean copy: batch
+norm folded) on the 2-core CPU ONNX Runtime took 7.8-10.4 ms per image against PyTorch's
+12.6-27.2 ms at batches of 1 to 48 (2026-11-27; 10.2 against 16.4 ms on SAG's patch images at
+8 per forward). Its sessions do not busy-wait between calls: PyTorch runs the steps in between
+on the same cores (spinning threads doubled SAG's search + graph).
 
 A network is exported once (``torch.onnx.export``'s TorchScript exporter, dynamic batch and
 image size; about half a second for efficientnet_lite0), checked against PyTorch on the

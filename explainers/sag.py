@@ -219,22 +219,23 @@ class PatchScorer:
     def use_onnx_runtime(self) -> None:
         """Score through ONNX Runtime (:mod:`explainers.onnx_cpu`): the whole network, and the
         incremental split's prefix and suffix when there is one; parts it cannot export stay
-        on PyTorch. Call after :meth:`use_incremental`."""
+        on PyTorch (``runtime`` then says ``mixed``). Call after :meth:`use_incremental`."""
         example = self.baseline.detach()
         whole = onnx_cpu.cached_forward(self.model, "whole", self.model, example)
         if whole is not None:
-            self.forward, self.runtime = whole, "onnxruntime"
+            self.forward = whole
+        swapped = [whole is not None]
         incremental = self.incremental
-        if incremental is None:
-            return
-        split = incremental.split
-        with torch.inference_mode():
-            middle = split.prefix(example)
-        prefix = onnx_cpu.cached_forward(self.model, f"prefix-{split.units}", split.prefix, example)
-        suffix = onnx_cpu.cached_forward(self.model, f"suffix-{split.units}", split.suffix, middle)
-        if prefix is not None and suffix is not None:
-            incremental.split = replace(split, prefix=prefix, suffix=suffix)
-            self.runtime = "onnxruntime"
+        if incremental is not None:
+            split = incremental.split
+            with torch.inference_mode():
+                middle = split.prefix(example)
+            prefix = onnx_cpu.cached_forward(self.model, f"prefix-{split.units}", split.prefix, example)
+            suffix = onnx_cpu.cached_forward(self.model, f"suffix-{split.units}", split.suffix, middle)
+            if prefix is not None and suffix is not None:
+                incremental.split = replace(split, prefix=prefix, suffix=suffix)
+            swapped.append(prefix is not None and suffix is not None)
+        self.runtime = "onnxruntime" if all(swapped) else "mixed" if any(swapped) else "torch"
 
     def use_incremental(self) -> int:
         """Score one-patch changes incrementally when the network's layout allows it; returns

@@ -74,7 +74,7 @@ def result_json(result: SAGResult) -> dict[str, Any]:
         "truncated": result.truncated,
         "forward_passes": result.details["forward"],
         "incremental": result.details["incremental"],  # None when every image ran whole
-        "runtime": result.details["runtime"],  # what ran the patch-set forwards: torch or onnxruntime
+        "runtime": result.details["runtime"],  # what ran the patch-set forwards: onnxruntime, torch or mixed
     }
 
 

@@ -53,8 +53,8 @@ class CoreSettings(BaseSettings):
     fast_warmup: bool = Field(True, description="compile/capture at start-up so no request pays for it")
     cpu_runtime: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="runtime of forward-only explainer batches on a CPU (SAG's patch sets, Score-CAM's "
-        "masked images, I-GOS's line-search trials, deletion / insertion curves): auto = ONNX Runtime when installed (about 1.5x PyTorch's "
-        "eager forwards on efficientnet_lite0), else PyTorch")
+        "masked images, I-GOS's line-search trials, deletion / insertion curves): auto = ONNX Runtime when "
+        "installed (about 1.5x PyTorch's eager forwards on efficientnet_lite0), else PyTorch")
 
     def fast_path(self) -> FastPath:
         """The explainers' execution options from these settings (imported lazily: settings stay light)."""
