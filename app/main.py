@@ -23,7 +23,7 @@ from app.service import InferenceService
 from app.settings import Settings, SettingsError, load_settings
 from models.catalog import CatalogError, load_catalog
 from models.registry import ModelRegistry
-from workers.warmup import warm_fast_paths
+from workers.warmup import warm_fast_paths, warm_onnx_runtime
 
 logger = logging.getLogger("unbox")
 MULTIPART_SLACK_BYTES = 64 * 1024  # form fields and part headers around the image
@@ -39,6 +39,7 @@ def _load_startup_models(registry: ModelRegistry, names: list[str], settings: Se
             logger.info("model %s loaded", name)
             if settings is not None:
                 warm_fast_paths(model, settings)
+                warm_onnx_runtime(model, settings, sag=False)
         except Exception as exc:  # reported by /readyz and /v1/models
             logger.error("model %s failed to load: %s", name, exc)
         finally:

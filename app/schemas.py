@@ -44,7 +44,8 @@ class ExplainResponse(BaseModel):
     predictions: list[PredictionOut]
     heatmap: HeatmapOut
     details: dict[str, Any] = Field(default_factory=dict, description="what ran: precision; for Score-CAM "
-                                    "mode (exact | fast), channels, constant_channels, forward_passes, batch_size")
+                                    "mode (exact | fast), channels, constant_channels, forward_passes, batch_size, runtime "
+                                    "(onnxruntime | torch: what ran the masked forwards)")
     metrics: dict[str, Any] | None = Field(None, description="with metrics=true: deletion_auc, insertion_auc, "
                                            "their curves and the protocol (baseline, steps, score)")
     timing_ms: dict[str, float]

@@ -143,20 +143,20 @@ def test_igos_line_search_in_onnx_runtime_gives_pytorchs_mask(default_model, che
     assert float((torch_mask - onnx_mask).abs().max()) < 1e-4
 
 
-def test_worker_warm_up_exports_sags_networks_before_any_job(default_model, caplog):
+def test_worker_warm_up_exports_the_scoring_networks_before_any_job(default_model, caplog):
     from explainers.fastpath import network_for
     from workers.settings import load_core_settings
-    from workers.warmup import warm_sag_runtime
+    from workers.warmup import warm_onnx_runtime
 
     size = default_model.spec.input_size
     network = network_for(default_model.module, torch.zeros(1, 3, size, size))
     onnx_cpu._sessions.pop(network, None)  # as in a fresh worker
     with caplog.at_level("INFO", logger="unbox.warmup"):
-        warm_sag_runtime(default_model, load_core_settings())
+        warm_onnx_runtime(default_model, load_core_settings(), sag=True)
     built = onnx_cpu._sessions.get(network, {})
     assert {key.split("-")[0] for key in built} == {"whole", "prefix", "suffix"}
     assert all(isinstance(forward, onnx_cpu.OnnxForward) for forward in built.values())
-    assert "SAG scores with onnxruntime" in caplog.text
+    assert "SAG scores with onnxruntime" in caplog.text and "scores in onnxruntime" in caplog.text
     onnx_cpu._sessions.pop(network, None)
-    warm_sag_runtime(default_model, load_core_settings(cpu_runtime="torch"))
+    warm_onnx_runtime(default_model, load_core_settings(cpu_runtime="torch"), sag=True)
     assert network not in onnx_cpu._sessions  # nothing exported when PyTorch is asked for

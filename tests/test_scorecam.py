@@ -204,6 +204,7 @@ def test_api_scorecam_reports_mode_and_validates_channels(api_server, chelsea):
     assert response.status_code == 200, response.text
     details = response.json()["details"]
     assert details["mode"] == "fast" and details["channels"] == 6 and details["forward_passes"] <= 8
+    assert details["runtime"] == "onnxruntime"  # UNBOX_CPU_RUNTIME=auto on the CPU: the service default
     assert response.json()["method"] == "scorecam"
     for fields in ({"method": "scorecam", "channels": "many"}, {"method": "scorecam", "channels": 0},
                    {"method": "gradcam", "channels": 4}):

@@ -60,15 +60,24 @@ def warm_igos_compile(model: Any, settings: CoreSettings) -> None:
     _warm(model, "I-GOS compile warm-up", run)
 
 
-def warm_sag_runtime(model: Any, settings: CoreSettings) -> None:
-    """On a CPU with ONNX Runtime wanted (``UNBOX_CPU_RUNTIME``), export the networks SAG's
-    scorer runs there now, so that the first ``sag`` job does not pay for it. Workers only. A
-    failure only means PyTorch scoring."""
+
+def warm_onnx_runtime(model: Any, settings: CoreSettings, sag: bool) -> None:
+    """On a CPU with ONNX Runtime wanted (``UNBOX_CPU_RUNTIME``), export now the network that
+    Score-CAM, the metrics and I-GOS's trials score with and, with ``sag`` (workers), the parts
+    SAG's scorer runs, so that no request or job pays for the export. A failure only means
+    PyTorch scoring."""
     from explainers import onnx_cpu
 
     if not (settings.fast_warmup and onnx_cpu.wanted(settings.cpu_runtime, model.device)):
         return
+    from explainers.fastpath import scoring_forward
     from explainers.sag import warm_cpu_runtime
 
-    _warm(model, "SAG ONNX Runtime export", lambda noise: logger.info("SAG scores with %s",
-                                                                      warm_cpu_runtime(model.module, noise)))
+    def run(noise: torch.Tensor) -> None:
+        scoring = scoring_forward(model.module, noise, settings.cpu_runtime)
+        logger.info("model %s scores in %s", model.name,
+                    "onnxruntime" if isinstance(scoring, onnx_cpu.OnnxForward) else "torch")
+        if sag:
+            logger.info("SAG scores with %s", warm_cpu_runtime(model.module, noise))
+
+    _warm(model, "ONNX Runtime export", run)

@@ -29,7 +29,7 @@ from workers.jobqueue import connect, heartbeat_ttl, job_queue, job_view, reap_a
 from workers.methods import load_builtin_methods
 from workers.runtime import WorkerRuntime, use_runtime
 from workers.settings import CoreSettings, SettingsError
-from workers.warmup import warm_fast_paths, warm_igos_compile, warm_sag_runtime
+from workers.warmup import warm_fast_paths, warm_igos_compile, warm_onnx_runtime
 from workers.webhooks import WebhookSender, end_event_once, event_for, schedule
 
 logger = logging.getLogger("unbox.worker")
@@ -155,7 +155,7 @@ def run_worker(settings: CoreSettings, burst: bool = False) -> int:
         model = registry.get(name)
         warm_fast_paths(model, settings)
         warm_igos_compile(model, settings)
-        warm_sag_runtime(model, settings)
+        warm_onnx_runtime(model, settings, sag=True)
         logger.info("model %s warm on %s in %.1f s", name, registry.device, time.perf_counter() - started)
     connection = connect(settings.redis_url, settings.redis_timeout_s)
     _wait_for_redis(connection, settings.redis_url)
