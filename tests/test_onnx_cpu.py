@@ -3,8 +3,9 @@
 The real efficientnet_lite0 (its lean copy, as SAG scores it) is exported and compared with
 PyTorch's own forwards on real photos at other batch sizes and image sizes than the export's;
 SAG's scorer in ONNX Runtime must give the scores its PyTorch scorer gives, incremental crops
-included; networks that cannot be exported, or whose export computes something else, must be
-refused so that PyTorch scores them.
+included, and Score-CAM, the metrics and I-GOS's line search must give PyTorch's results;
+networks that cannot be exported, or whose export computes something else, must be refused so
+that PyTorch scores them; the start-up warm-up must export before any job.
 """
 
 from __future__ import annotations
@@ -50,8 +51,13 @@ class MatrixExponential(torch.nn.Module):
 
 
 class TracedConstant(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1) + torch.rand(1).item()  # the export freezes one draw: not this network
+        self.calls += 1  # the export freezes the count it saw: not what this network computes next
+        return x.flatten(1) + float(self.calls)
 
 
 @pytest.mark.parametrize("module,why", [(MatrixExponential(), "no ONNX Runtime copy"), (TracedConstant(), "differs by")])
