@@ -20,7 +20,7 @@ from explainers.capture import LayerCapture
 from explainers.fastpath import (EXACT, FastPath, batch_size_for_budget, channels_last, gradcam_graph,
                                  inference, logits_runner, module_device, scoring_forward)
 from explainers.errors import ExplainError
-from explainers.onnx_cpu import OnnxForward
+from explainers.onnx_cpu import runtime_of
 from explainers.result import Explanation, normalize_maps, resolve_targets
 
 
@@ -284,7 +284,7 @@ class ScoreCAM(ActivationCAM):
         # ONNX Runtime on a CPU in fp32 only (it would not honour a reduced-precision autocast)
         runtime = self.fastpath.cpu_runtime if self.fastpath.dtype(self.device) is None else "torch"
         network = scoring_forward(self.model, masked, runtime)
-        self.runtime = "onnxruntime" if isinstance(network, OnnxForward) else "torch"
+        self.runtime = runtime_of(network)
         with inference(self.device, self.fastpath):
             logits = network(masked)
         return logits.float().index_select(1, target.reshape(1)).reshape(-1)

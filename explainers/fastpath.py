@@ -200,7 +200,7 @@ def scoring_forward(module: nn.Module, example: torch.Tensor,
     wants it and the network exports (:mod:`explainers.onnx_cpu`)."""
     network = network_for(module, example)
     if onnx_cpu.wanted(cpu_runtime, example.device):
-        exported = onnx_cpu.cached_forward(network, "whole", network, example[:1])
+        exported = onnx_cpu.whole_forward(network, example[:1])
         if exported is not None:
             return exported
     return network

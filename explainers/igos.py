@@ -39,7 +39,7 @@ from explainers.baselines import BaselineKind, make_baseline
 from explainers.batching import images_per_backward, images_per_forward
 from explainers.errors import ExplainError
 from explainers.fastpath import compiled_network, network_for, scoring_forward
-from explainers.onnx_cpu import CpuRuntime
+from explainers.onnx_cpu import CpuRuntime, runtime_of
 from explainers.result import Explanation, normalize_maps, resolve_targets
 
 ProgressCallback = Callable[[int, int], None]
@@ -189,7 +189,6 @@ class _MaskSearch:
     def __init__(self, model: nn.Module, config: IGOSConfig | None = None) -> None:
         self.model = model
         self.config = config or IGOSConfig.for_method(self.method)
-        self.forward_runtime = "torch"  # what ran the last forward-only images (line search)
 
     # -- the pieces subclasses define -------------------------------------------------------
     def _terms(self) -> list[tuple[int, int, float]]:
@@ -215,7 +214,7 @@ class _MaskSearch:
         lean = choice in ("lean", "auto")
         if lean and dtype is None and not torch.is_grad_enabled() and not images.is_cuda:
             scoring = scoring_forward(self.model, images, self.config.cpu_runtime)
-            self.forward_runtime = "torch" if isinstance(scoring, nn.Module) else "onnxruntime"
+            self.forward_runtime = runtime_of(scoring)
             return scoring
         network = network_for(self.model, images, lean=lean)
         if self.config.compile and images.is_cuda:
@@ -325,7 +324,7 @@ class _MaskSearch:
         evaluated.
         """
         cfg = self.config
-        self.forward_runtime = "torch"
+        self.forward_runtime = "torch"  # what ran this run's forward-only images (line search)
         device = inputs.device
         inputs = inputs.detach().float()
         batch, _, height, width = inputs.shape

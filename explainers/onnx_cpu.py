@@ -19,6 +19,7 @@ relative), the same order as batch-norm folding's.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import threading
@@ -39,8 +40,10 @@ _lock = threading.Lock()
 _sessions: weakref.WeakKeyDictionary[nn.Module, dict[str, OnnxForward | None]] = weakref.WeakKeyDictionary()
 
 
+@functools.cache
 def available() -> bool:
-    """Whether ONNX Runtime and the ``onnx`` package (the exporter's) are importable."""
+    """Whether ONNX Runtime and the ``onnx`` package (the exporter's) are importable (checked
+    once: a failed import is not cached by Python and would search the path on every call)."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -113,7 +116,11 @@ def build(module: nn.Module, example: torch.Tensor) -> OnnxForward | None:
 def cached_forward(owner: nn.Module, key: str, module: nn.Module,
                    example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The ONNX Runtime forward of ``module`` (a part of ``owner`` named by ``key``), built
-    once per ``owner`` and ``key``; ``None`` (also cached) when it cannot be built."""
+    once per ``owner`` and ``key``; ``None`` (also cached) when it cannot be built. Callers
+    ask per batch, so a built part is returned without taking the lock."""
+    parts = _sessions.get(owner)
+    if parts is not None and key in parts:
+        return parts[key]
     with _lock:
         parts = _sessions.setdefault(owner, {})
         if key not in parts:
@@ -121,4 +128,16 @@ def cached_forward(owner: nn.Module, key: str, module: nn.Module,
         return parts[key]
 
 
-__all__ = ["CpuRuntime", "OnnxForward", "available", "build", "cached_forward", "wanted"]
+def whole_forward(network: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """:func:`cached_forward` of a whole ``network`` (one session per network, shared by SAG,
+    Score-CAM, the metrics and I-GOS's trials)."""
+    return cached_forward(network, "whole", network, example)
+
+
+def runtime_of(forward: Callable[[torch.Tensor], torch.Tensor]) -> str:
+    """``onnxruntime`` for an :class:`OnnxForward`, else ``torch``: what results report."""
+    return "onnxruntime" if isinstance(forward, OnnxForward) else "torch"
+
+
+__all__ = ["CpuRuntime", "OnnxForward", "available", "build", "cached_forward", "runtime_of", "wanted",
+           "whole_forward"]

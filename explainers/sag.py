@@ -221,7 +221,7 @@ class PatchScorer:
         incremental split's prefix and suffix when there is one; parts it cannot export stay
         on PyTorch (``runtime`` then says ``mixed``). Call after :meth:`use_incremental`."""
         example = self.baseline.detach()
-        whole = onnx_cpu.cached_forward(self.model, "whole", self.model, example)
+        whole = onnx_cpu.whole_forward(self.model, example)
         if whole is not None:
             self.forward = whole
         swapped = [whole is not None]

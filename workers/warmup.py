@@ -75,8 +75,7 @@ def warm_onnx_runtime(model: Any, settings: CoreSettings, sag: bool) -> None:
 
     def run(noise: torch.Tensor) -> None:
         scoring = scoring_forward(model.module, noise, settings.cpu_runtime)
-        logger.info("model %s scores in %s", model.name,
-                    "onnxruntime" if isinstance(scoring, onnx_cpu.OnnxForward) else "torch")
+        logger.info("model %s scores in %s", model.name, onnx_cpu.runtime_of(scoring))
         if sag:
             logger.info("SAG scores with %s", warm_cpu_runtime(model.module, noise))
 
