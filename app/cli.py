@@ -6,21 +6,37 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from workers.supervisor import WorkerSupervisor
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as workers/worker.py logs
+
+
+def _setup_logging(settings: Settings) -> None:
+    """Give the ``unbox`` loggers (the supervisor's restarts, the API's warnings) a handler on stderr."""
+    import logging
+
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
 
 
 def _run_api(settings: Settings) -> int:
     import uvicorn
 
+    from app.limits import uvicorn_options
     from app.main import create_app
 
+    _setup_logging(settings)
     app = create_app(settings)
     print(f"Unbox API on http://{settings.host}:{settings.port}  (docs: /docs)", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                **uvicorn_options(settings))
     return 0
 
 
@@ -38,45 +54,55 @@ def _run_worker(args: argparse.Namespace, settings: Settings) -> int:
     os._exit(code)
 
 
-def _stop_child(process: subprocess.Popen, name: str, grace_s: float) -> None:
-    """Announce, then stop ``process`` (SIGTERM, SIGKILL after ``grace_s``)."""
-    from workers.processes import terminate
-
-    if process.poll() is None:
-        print(f"stopping {name} (pid {process.pid})", flush=True)
-        terminate(process, grace_s)
+def _workers_phrase(pids: list[int | None]) -> str:
+    """``1 worker, pid 1234`` or ``3 workers, pids 1, 2, 3`` (tests parse the first form)."""
+    shown = ", ".join(str(pid) for pid in pids)
+    return f"1 worker, pid {shown}" if len(pids) == 1 else f"{len(pids)} workers, pids {shown}"
 
 
-def _serve(settings: Settings) -> int:
-    """Everything on one machine: Redis (embedded unless UNBOX_REDIS_URL is set), one worker, the API.
+def _stop_workers(supervisor: WorkerSupervisor, grace_s: float) -> None:
+    """Announce, then stop the supervised workers (SIGTERM, SIGKILL after ``grace_s``)."""
+    live = [pid for pid in supervisor.pids() if pid is not None]
+    if live:
+        print(f"stopping the {'worker' if len(live) == 1 else 'workers'} "
+              f"(pid{'' if len(live) == 1 else 's'} {', '.join(map(str, live))})", flush=True)
+    supervisor.stop(grace_s)
 
-    Children run in their own sessions, so Ctrl-C reaches only this process, which then stops
-    the API, the worker (after its current job, at most 30 s) and Redis, in that order.
+
+def _serve(settings: Settings, workers: int | None = None) -> int:
+    """Everything on one machine: Redis (embedded unless UNBOX_REDIS_URL is set), workers, the API.
+
+    The ``workers`` (default UNBOX_SERVE_WORKERS) run under a supervisor that restarts any that
+    dies. Children run in their own sessions, so Ctrl-C reaches only this process, which then
+    stops the API, the workers (after their current jobs, at most 30 s) and Redis, in that order.
     """
     from workers.redis_server import EmbeddedRedis
+    from workers.supervisor import WorkerSupervisor
 
     def _terminate(_signum: int, _frame: object) -> None:
         raise SystemExit(0)
 
+    _setup_logging(settings)
     signal.signal(signal.SIGTERM, _terminate)  # so SIGTERM unwinds through the clean-up below
     embedded: EmbeddedRedis | None = None
-    worker: subprocess.Popen | None = None
+    supervisor: WorkerSupervisor | None = None
     try:
         if not settings.redis_url:
-            embedded = EmbeddedRedis().start()
+            embedded = EmbeddedRedis(max_memory_mb=settings.embedded_redis_max_memory_mb).start()
             settings = settings.model_copy(update={"redis_url": embedded.url})
         env = {**os.environ, "UNBOX_REDIS_URL": settings.redis_url or ""}
-        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env, start_new_session=True)
+        supervisor = WorkerSupervisor([sys.executable, "-m", "app.cli", "worker"],
+                                      workers or settings.serve_workers, env=env).start()
         where = f"embedded at {embedded.url}" if embedded else settings.redis_url
-        print(f"Unbox on http://{settings.host}:{settings.port}  (Redis {where}; 1 worker, pid {worker.pid}; "
-              "Ctrl-C stops all)", flush=True)
+        print(f"Unbox on http://{settings.host}:{settings.port}  (Redis {where}; "
+              f"{_workers_phrase(supervisor.pids())}; Ctrl-C stops all)", flush=True)
         return _run_api(settings)
     except KeyboardInterrupt:
         return 0
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
-        if worker is not None:
-            _stop_child(worker, "the worker", 30)
+        if supervisor is not None:
+            _stop_workers(supervisor, 30)
         if embedded is not None:
             print("stopping the embedded Redis", flush=True)
             embedded.close()
@@ -124,13 +150,32 @@ def _explain(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _worker_count(text: str) -> int:
+    """``--workers`` values: an integer from 1 to 64 (the range of UNBOX_SERVE_WORKERS)."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= count <= 64:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 64, got {count}")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unbox", description="Predictions with the heat maps that explain them.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run everything on this machine: the API, a worker and (unless "
-                        "UNBOX_REDIS_URL is set) an embedded Redis")
+    serve = commands.add_parser("serve", help="run everything on this machine: the API, workers (restarted "
+                                "when they die) and (unless UNBOX_REDIS_URL is set) an embedded Redis")
+    serve.add_argument("--workers", type=_worker_count, default=None, metavar="N",
+                       help="worker processes to run and restart, 1-64 (default: UNBOX_SERVE_WORKERS, 1)")
     commands.add_parser("api", help="run the HTTP API alone")
-    worker = commands.add_parser("worker", help="run one queue worker with warm models (needs UNBOX_REDIS_URL)")
+    worker_help = ("run one queue worker with warm models (needs UNBOX_REDIS_URL); meant to run under a "
+                   "supervisor (systemd, Kubernetes, or `unbox serve`) that restarts it when it exits")
+    worker = commands.add_parser(
+        "worker", help=worker_help,
+        description=worker_help + ". It exits 0 after SIGTERM (finishing its current job first) and 2 on a "
+        "configuration error, which a restart will not fix. Examples: docs/deploy/unbox-worker.service "
+        "(systemd), docs/deploy/kubernetes-worker.yaml.")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     explain = commands.add_parser("explain", help="explain one image offline, no server")
     explain.add_argument("image")
@@ -150,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         if args.command == "serve":
-            return _serve(settings)
+            return _serve(settings, args.workers)
         if args.command == "worker":
             return _run_worker(args, settings)
         if args.command == "api":

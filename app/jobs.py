@@ -16,15 +16,13 @@ import logging
 import re
 import uuid
 from contextlib import contextmanager
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any, Iterator, Literal
 
 import redis
-from fastapi import APIRouter, File, Form, Header, Request, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
-from rq import Retry as JobRetry
-from rq.job import Job
 
 from app.errors import ApiError
 from app.schemas import ERROR_RESPONSES
@@ -32,11 +30,14 @@ from app.service import InferenceService
 from app.settings import Settings
 from models.catalog import DEFAULT_MODEL
 from models.labels import load_labels
-from workers.jobqueue import (TERMINAL, connect, fetch_job, is_stale, job_queue, job_view, reap_abandoned,
-                              request_cancel)
+from app.json_input import parse_json_object
+from app.queue_health import QueueHealth
+from workers.jobqueue import TERMINAL, JobStore, connect, is_out_of_memory, job_view
 from workers.methods import JobMethod, load_builtin_methods, method_timeout
-from workers.payload import RUN_JOB, JobPayload, idempotency_key, image_key, png_bytes
-from workers.webhooks import check_callback_url, end_event_once, event_for, schedule
+from workers.payload import JobPayload, idempotency_key
+from workers.result_files import FILE_NAME, file_key, inline_files, media_type
+from workers.stored_image import encode_for_storage
+from workers.webhooks import check_callback_url, schedule_job_end
 
 logger = logging.getLogger("unbox.jobs")
 
@@ -44,8 +45,6 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 POLL_AFTER_S = "1"
 UNAVAILABLE_RETRY_S = "5"
 QUEUE_FULL_RETRY_S = "2"
-ADMISSION_LOCK_S = 10.0  # a submitter that died holding the admission lock frees it after this
-ADMISSION_WAIT_S = 5.0   # how long a submission waits for its turn before answering 503
 
 
 class JobsClient:
@@ -55,6 +54,8 @@ class JobsClient:
         self.settings = settings
         self.service = service
         self.redis = connect(settings.redis_url, settings.redis_timeout_s) if settings.redis_url else None
+        self.store = JobStore(self.redis, settings.queue_name, settings.worker_heartbeat_s) if self.redis else None
+        self.health_check = QueueHealth(settings) if settings.redis_url else None
         self.methods: dict[str, JobMethod] = load_builtin_methods(settings.job_method_modules)
 
     def close(self) -> None:
@@ -62,54 +63,38 @@ class JobsClient:
             self.redis.close()
 
     # ----- plumbing -------------------------------------------------------------------------
-    def _redis(self) -> redis.Redis:
-        if self.redis is None:
+    def _store(self) -> JobStore:
+        if self.store is None:
             raise ApiError(503, "queue_not_configured",
                            "this server has no job queue; set UNBOX_REDIS_URL (or run `unbox serve`)")
-        return self.redis
+        return self.store
 
     @contextmanager
-    def _reachable(self) -> Iterator[redis.Redis]:
-        connection = self._redis()
+    def _reachable(self) -> Iterator[JobStore]:
+        store = self._store()
         try:
-            yield connection
+            yield store
         except redis.RedisError as exc:
+            if is_out_of_memory(exc):
+                logger.error("job storage full: %s", exc)
+                raise ApiError(503, "storage_full", "the job store is full (Redis maxmemory); retry later",
+                               {"Retry-After": QUEUE_FULL_RETRY_S}) from None
             logger.warning("job queue unreachable: %s", exc)
-            raise ApiError(503, "queue_unavailable", f"the job queue (Redis) is unreachable: {exc}; "
+            raise ApiError(503, "queue_unavailable", "the job queue is unreachable; "
                            "predictions and synchronous explanations still work",
                            {"Retry-After": UNAVAILABLE_RETRY_S}) from None
 
-    @contextmanager
-    def _admission(self, connection: redis.Redis) -> Iterator[None]:
-        """One submission at a time counts and enqueues on the queue (across all API
-        processes: a Redis lock), so concurrent submissions never overfill it."""
-        lock = connection.lock(f"unbox:admission:{self.settings.queue_name}", timeout=ADMISSION_LOCK_S,
-                               sleep=0.005, blocking_timeout=ADMISSION_WAIT_S)
-        if not lock.acquire():
-            raise ApiError(503, "queue_busy", "too many submissions at once; retry shortly", {"Retry-After": "1"})
-        try:
-            yield
-        finally:
-            try:
-                lock.release()
-            except redis.exceptions.LockError:  # held past ADMISSION_LOCK_S: already expired, nothing to free
-                logger.warning("the admission lock expired before its submission finished")
-
-    def health(self) -> dict[str, Any]:
-        """Redis reachability and queue depth, for ``/readyz``."""
-        if self.redis is None:
+    async def health(self) -> dict[str, Any]:
+        """Redis reachability, queue depth and workers, for ``/readyz`` (on the event loop, bounded)."""
+        if self.health_check is None:
             return {"status": "not_configured"}
-        try:
-            queued = job_queue(self.redis, self.settings.queue_name).count
-            return {"status": "ok", "queued": queued}
-        except redis.RedisError as exc:
-            return {"status": "unreachable", "error": str(exc)}
+        return await self.health_check.check()
 
-    def _job(self, connection: redis.Redis, job_id: str) -> Job:
-        job = fetch_job(connection, job_id) if _JOB_ID.match(job_id) else None
-        if job is None:
+    def _fields(self, store: JobStore, job_id: str) -> dict[str, str]:
+        fields = store.fields(job_id) if _JOB_ID.match(job_id) else None
+        if fields is None:
             raise ApiError(404, "job_not_found", f"no job {job_id!r}: it never existed or it has expired")
-        return job
+        return fields
 
     # ----- validation -----------------------------------------------------------------------
     def _method(self, name: str) -> JobMethod:
@@ -119,14 +104,9 @@ class JobsClient:
             raise ApiError(422, "unknown_method", f"unknown job method {name!r}; available: {known}")
         return method
 
-    @staticmethod
-    def _params(method: JobMethod, text: str | None) -> dict[str, Any]:
-        try:
-            raw = json.loads(text) if text and text.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise ApiError(422, "invalid_params", f"params is not valid JSON: {exc.msg}") from None
-        if not isinstance(raw, dict):
-            raise ApiError(422, "invalid_params", "params must be a JSON object")
+    def _params(self, method: JobMethod, text: str | None) -> dict[str, Any]:
+        raw = parse_json_object(text, field="params", max_bytes=self.settings.max_json_bytes,
+                                max_depth=self.settings.max_json_depth)
         try:
             # Only the fields the client set travel: presets (igos's preset="cpu") fill the rest.
             return method.params.model_validate(raw).model_dump(mode="json", exclude_unset=True)
@@ -163,46 +143,43 @@ class JobsClient:
                 raise ApiError(422, "invalid_callback_url", problem)
         if idempotency is not None and not 1 <= len(idempotency) <= 255:
             raise ApiError(422, "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 characters")
-        self._redis()
-        image = self.service.decode(data)
+        self._store()
+        decoded = self.service.decode_upload(data)
         payload = JobPayload(method=method.name, model=model, target=target, params=params,
                              callback_url=callback_url or None).model_dump(mode="json")
         fingerprint = hashlib.sha256(data + json.dumps(payload, sort_keys=True).encode()).hexdigest()
-        png = png_bytes(image)
+        stored = encode_for_storage(data, decoded.image, decoded.format)
         settings = self.settings
-        with self._reachable() as connection:
+        with self._reachable() as store:
             job_id = uuid.uuid4().hex
             record_key = idempotency_key(idempotency) if idempotency else None
             if record_key:
-                replay = self._claim_idempotency(connection, record_key, job_id, fingerprint)
+                replay = self._claim_idempotency(store, record_key, job_id, fingerprint)
                 if replay is not None:
                     return replay, True
-            queue = job_queue(connection, settings.queue_name)
             try:
-                with self._admission(connection):
-                    if queue.count >= settings.max_queue_length:
-                        raise ApiError(503, "queue_full", f"the job queue is full ({settings.max_queue_length} "
-                                       "jobs waiting); retry later", {"Retry-After": QUEUE_FULL_RETRY_S})
-                    connection.set(image_key(job_id), png, ex=settings.job_image_ttl_s)
-                    job = queue.enqueue_call(
-                        RUN_JOB, kwargs={"payload": payload}, job_id=job_id,
-                        timeout=method_timeout(method, settings.job_timeouts),
-                        result_ttl=settings.job_result_ttl_s, failure_ttl=settings.job_result_ttl_s,
-                        ttl=settings.job_image_ttl_s, retry=JobRetry(max=1),
-                        meta={"progress": 0.0, "stage": "queued", "attempts": 0},
-                        description=f"{method.name} on {model}")
+                answer = store.enqueue(job_id, payload, stored, timeout_s=method_timeout(method, settings.job_timeouts),
+                                       pending_ttl_s=settings.job_image_ttl_s, result_ttl_s=settings.job_result_ttl_s,
+                                       max_queue=settings.max_queue_length)
+                if answer == "full":
+                    raise ApiError(503, "queue_full", f"the job queue is full ({settings.max_queue_length} "
+                                   "jobs waiting); retry later", {"Retry-After": QUEUE_FULL_RETRY_S})
+                if not isinstance(answer, dict):
+                    raise ApiError(503, "queue_unavailable", "the job could not be queued; retry",
+                                   {"Retry-After": "1"})
             except BaseException:
-                cleanup = [image_key(job_id)] + ([record_key] if record_key else [])
-                try:
-                    connection.delete(*cleanup)
-                except redis.RedisError:
-                    pass
+                if record_key:
+                    try:
+                        store.redis.delete(record_key)
+                    except redis.RedisError:
+                        pass
                 raise
-            return job_view(job, with_result=False), False
+            return answer, False
 
-    def _claim_idempotency(self, connection: redis.Redis, record_key: str, job_id: str,
+    def _claim_idempotency(self, store: JobStore, record_key: str, job_id: str,
                            fingerprint: str) -> dict[str, Any] | None:
         """Reserve ``record_key`` for the new job, or return the view of the job that holds it."""
+        connection = store.redis
         record = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
         for _ in range(3):
             if connection.set(record_key, record, nx=True, ex=self.settings.job_result_ttl_s):
@@ -215,9 +192,9 @@ class JobsClient:
                 raise ApiError(422, "idempotency_key_reused",
                                "this Idempotency-Key was used for a different request (image, method, model, "
                                "target, params or callback_url differ)")
-            job = fetch_job(connection, held["job_id"])
-            if job is not None:
-                return job_view(job, with_result=False)
+            view = store.view(held["job_id"], with_result=False)
+            if view is not None:
+                return view
             if connection.ttl(record_key) > self.settings.job_result_ttl_s - 30:
                 raise ApiError(409, "request_in_progress", "a request with this Idempotency-Key is still "
                                "being processed; retry shortly", {"Retry-After": "1"})
@@ -225,39 +202,52 @@ class JobsClient:
         raise ApiError(503, "queue_unavailable", "could not reserve the Idempotency-Key; retry",
                        {"Retry-After": "1"})
 
-    def view(self, job_id: str) -> dict[str, Any]:
-        with self._reachable() as connection:
-            job = self._job(connection, job_id)
-            if job.get_status(refresh=False) == "started" and is_stale(job, self.settings.worker_heartbeat_s):
-                queue = job_queue(connection, self.settings.queue_name)
-                for failed in reap_abandoned(queue):
-                    self._schedule_webhook(connection, failed)
-                job = self._job(connection, job_id)
-            return job_view(job)
+    def view(self, job_id: str, inline: bool = False) -> dict[str, Any]:
+        """The job's view; with ``inline``, its result's stored pictures put back inline."""
+        with self._reachable() as store:
+            fields = self._fields(store, job_id)
+            if store.is_stale(fields):  # no live worker's reaper noticed yet: do it here
+                for reaped, what in store.reap():
+                    if what == "failed":
+                        schedule_job_end(store, reaped)
+                fields = self._fields(store, job_id)
+            position = store.position(fields) if fields.get("status") == "queued" else None
+            view = job_view(fields, position)
+            if inline and isinstance(view.get("result"), dict):
+                inline_files(view["result"], lambda name: store.redis.get(file_key(job_id, name)))
+            return view
+
+    def file(self, job_id: str, name: str) -> tuple[bytes, str]:
+        """A picture stored beside the job's result: its bytes and media type."""
+        if not FILE_NAME.match(name):
+            raise ApiError(404, "file_not_found", f"job {job_id} has no file {name!r}")
+        with self._reachable() as store:
+            self._fields(store, job_id)
+            data = store.redis.get(file_key(job_id, name))
+        if data is None:
+            raise ApiError(404, "file_not_found", f"job {job_id} has no file {name!r} (or it has expired)")
+        return data, media_type(name)
 
     def cancel(self, job_id: str) -> tuple[int, dict[str, Any]]:
         """Cancel a queued job now (200), ask a running one to stop (202); 409 once it has ended."""
-        with self._reachable() as connection:
-            job = self._job(connection, job_id)
-            view = job_view(job, with_result=False)
+        with self._reachable() as store:
+            self._fields(store, job_id)
+            answer = store.cancel(job_id, self.settings.job_result_ttl_s)
+            view = store.view(job_id, with_result=False)
+            if view is None or answer == "missing":
+                raise ApiError(404, "job_not_found", f"no job {job_id!r}: it never existed or it has expired")
+            if answer == "canceled":
+                schedule_job_end(store, job_id)
+                return 200, view
+            if answer == "requested":
+                view["cancel_requested"] = True
+                return 202, view
             if view["status"] == "canceled":
                 return 200, view
-            if view["status"] in TERMINAL:
-                raise ApiError(409, "job_finished", f"job {job_id} has already {view['status']}")
-            request_cancel(connection, job_id, self.settings.job_result_ttl_s)
-            if view["status"] == "queued":
-                job.cancel()
-                connection.delete(image_key(job_id))
-                connection.expire(job.key, self.settings.job_result_ttl_s)
-                job = self._job(connection, job_id)
-                view = job_view(job, with_result=False)
-                self._schedule_webhook(connection, job)
-                return 200, view
-            view["cancel_requested"] = True
-            return 202, view
+            raise ApiError(409, "job_finished", f"job {job_id} has already {view['status']}")
 
     def result_png(self, job_id: str) -> bytes:
-        view = self.view(job_id)
+        view = self.view(job_id, inline=True)
         if view["status"] != "succeeded":
             raise ApiError(409, "job_not_succeeded", f"job {job_id} is {view['status']}; it has no picture")
         result = view.get("result") or {}
@@ -265,12 +255,6 @@ class JobsClient:
         if not encoded:
             raise ApiError(404, "no_picture", f"the result of job {job_id} has no picture")
         return base64.b64decode(encoded)
-
-    def _schedule_webhook(self, connection: redis.Redis, job: Job) -> None:
-        url = (job.kwargs.get("payload") or {}).get("callback_url")
-        if url:
-            view = job_view(job, with_result=False)
-            schedule(connection, url, event_for(view), once=end_event_once(job.id, view["status"]))
 
 
 # ----- routes -------------------------------------------------------------------------------
@@ -308,6 +292,21 @@ async def submit_job(
     return JSONResponse(body, status_code=202, headers=headers)
 
 
+workers_router = APIRouter(prefix="/v1/workers", tags=["jobs"])
+
+
+@workers_router.get("", responses={503: {"description": "queue down or not configured"}})
+async def list_workers(request: Request) -> JSONResponse:
+    """The workers seen lately: alive (beating within the heartbeat TTL), busy or idle, their job."""
+    health = await _jobs(request).health()
+    if health["status"] == "not_configured":
+        raise ApiError(503, "queue_not_configured", "this server has no job queue")
+    if health["status"] != "ok":
+        raise ApiError(503, "queue_unavailable", "the job queue is unreachable", {"Retry-After": UNAVAILABLE_RETRY_S})
+    return JSONResponse({"workers": health["workers"]["list"], "alive": health["workers"]["alive"],
+                         "busy": health["workers"]["busy"], "queued": health["queued"]})
+
+
 @router.get("/methods")
 def list_methods(request: Request) -> dict:
     """The job methods this server accepts, with their parameters' JSON schema and time limit."""
@@ -319,9 +318,12 @@ def list_methods(request: Request) -> dict:
 
 
 @router.get("/{job_id}", responses={404: {"description": "unknown or expired job"}, 503: {"description": "queue down"}})
-async def get_job(request: Request, job_id: str) -> JSONResponse:
-    """Status, progress (0..1), stage, timestamps, and the result or the error."""
-    view = await run_in_threadpool(_jobs(request).view, job_id)
+async def get_job(request: Request, job_id: str, pictures: Annotated[Literal["links", "inline"], Query(
+        description="links (default): pictures larger than UNBOX_JOB_INLINE_PICTURE_MAX_BYTES are links to "
+                    "/v1/jobs/{id}/files/{name}; inline: every picture inline, in one (larger) answer")] = "links",
+                  ) -> JSONResponse:
+    """Status, progress (0..1), stage, timestamps, queue position, and the result or the error."""
+    view = await run_in_threadpool(_jobs(request).view, job_id, pictures == "inline")
     view["links"] = _links(job_id)
     headers = {} if view["status"] in TERMINAL else {"Retry-After": POLL_AFTER_S}
     return JSONResponse(view, headers=headers)
@@ -334,6 +336,15 @@ async def cancel_job(request: Request, job_id: str) -> JSONResponse:
     status, view = await run_in_threadpool(_jobs(request).cancel, job_id)
     view["links"] = _links(job_id)
     return JSONResponse(view, status_code=status)
+
+
+@router.get("/{job_id}/files/{name}", response_class=Response,
+            responses={200: {"content": {"image/png": {}, "image/svg+xml": {}}},
+                       404: {"description": "unknown job or file"}})
+async def job_file(request: Request, job_id: str, name: str) -> Response:
+    """A picture of the job's result stored beside it (the link its result field holds)."""
+    data, media = await run_in_threadpool(_jobs(request).file, job_id, name)
+    return Response(data, media_type=media)
 
 
 @router.get("/{job_id}/result.png", response_class=Response,

@@ -15,7 +15,8 @@ from fastapi.staticfiles import StaticFiles
 from app.errors import install_error_handlers
 from app.jobs import JobsClient
 from app.jobs import router as jobs_router
-from app.limits import BodySizeLimit
+from app.jobs import workers_router
+from app.limits import BodySizeLimit, UploadGuard
 from app.metrics import Metrics, MetricsMiddleware
 from app.pages import pages_router
 from app.routes import router
@@ -84,9 +85,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(jobs_router)
+    app.include_router(workers_router)
     app.include_router(pages_router)
     _mount_offline_docs(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES)
+    app.add_middleware(UploadGuard, read_timeout_s=settings.upload_read_timeout_s,
+                       max_concurrent=settings.max_concurrent_uploads)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 

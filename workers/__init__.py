@@ -1,1 +1,1 @@
-"""The queue side: job functions, the in-process RQ worker, job storage conventions."""
+"""The queue side: the job store, the in-process worker, job runs, webhooks, supervision."""

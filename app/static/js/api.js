@@ -113,7 +113,8 @@ export function getJobMethods(signal) {
 }
 
 export function getJob(id, signal) {
-  return requestJson(`/v1/jobs/${encodeURIComponent(id)}`, { signal });
+  // pictures=inline: the few large pictures a result keeps beside it come back in this one answer
+  return requestJson(`/v1/jobs/${encodeURIComponent(id)}?pictures=inline`, { signal });
 }
 
 export function cancelJob(id) {
