@@ -37,7 +37,7 @@ from workers.methods import JobMethod, load_builtin_methods, method_timeout
 from workers.payload import JobPayload, idempotency_key
 from workers.result_files import FILE_NAME, file_key, inline_files, media_type
 from workers.stored_image import encode_for_storage
-from workers.webhooks import check_callback_url, schedule_job_end
+from workers.webhooks import check_callback_url
 
 logger = logging.getLogger("unbox.jobs")
 
@@ -207,9 +207,7 @@ class JobsClient:
         with self._reachable() as store:
             fields = self._fields(store, job_id)
             if store.is_stale(fields):  # no live worker's reaper noticed yet: do it here
-                for reaped, what in store.reap():
-                    if what == "failed":
-                        schedule_job_end(store, reaped)
+                store.reap()
                 fields = self._fields(store, job_id)
             position = store.position(fields) if fields.get("status") == "queued" else None
             view = job_view(fields, position)
@@ -237,7 +235,6 @@ class JobsClient:
             if view is None or answer == "missing":
                 raise ApiError(404, "job_not_found", f"no job {job_id!r}: it never existed or it has expired")
             if answer == "canceled":
-                schedule_job_end(store, job_id)
                 return 200, view
             if answer == "requested":
                 view["cancel_requested"] = True

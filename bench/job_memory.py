@@ -5,7 +5,8 @@ Starts an embedded Redis and a real ``unbox api`` (no worker), submits Grad-CAM 
 (its record and its stored image); then runs ``unbox worker --burst`` and reads what the
 finished job keeps (its record and its result's pictures stored beside it). The former storage
 is computed from the same data: the decoded image re-encoded as PNG (what a queued job held),
-and the result with every picture inline (what a finished job held).
+and the Grad-CAM result as the worker built it before, every picture inline and the map PNG at
+the upload's full size (what a finished job held).
 
     python -m bench.job_memory
 """
@@ -17,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -25,6 +25,7 @@ import redis
 from PIL import Image
 
 from app.intake import decode_image
+from bench.queue import wait_ready
 from workers.redis_server import EmbeddedRedis, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +44,17 @@ def _former_png(image: Image.Image) -> int:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     return len(buffer.getvalue())
+
+
+def _former_result(image: Image.Image) -> int:
+    """Bytes of the former finished Grad-CAM result: pictures inline, the map at full size."""
+    from explainers.pipeline import explain_image
+    from models import ModelRegistry, load_catalog
+    from workers.settings import CoreSettings
+
+    model = ModelRegistry(load_catalog(None), "cpu").get("efficientnet_lite0")
+    result = explain_image(model, image, "gradcam", None, None, 5, 1024, None, CoreSettings().fast_path())
+    return len(json.dumps({**result.as_json(), "params": {"layer": None, "top_k": 5}}, separators=(",", ":")))
 
 
 def _usage(connection: redis.Redis, pattern: str) -> int:
@@ -64,13 +76,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         connection = redis.Redis.from_url(server.url)
         try:
-            for _ in range(600):
-                try:
-                    if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
+            wait_ready(url, api)
             ids, queued = {}, {}
             with httpx.Client(base_url=url, timeout=60) as client:
                 for name, data in photos.items():
@@ -83,16 +89,16 @@ def main() -> None:
                 worker = _spawn(["worker", "--burst"], env)
                 worker.wait(timeout=600)
                 print("| upload | upload bytes | queued job before (PNG re-encode) | queued job now | ratio to upload "
-                      "| finished job before (pictures inline) | finished job now (record + stored pictures) "
+                      "| finished job before (pictures inline, map at full size) | finished job now (record + stored pictures) "
                       "| GET /v1/jobs/{id} answer now |")
                 print("|---|---|---|---|---|---|---|---|")
                 for name, data in photos.items():
                     job_id = ids[name]
                     view = client.get(f"/v1/jobs/{job_id}").json()
                     assert view["status"] == "succeeded", view
-                    inline = client.get(f"/v1/jobs/{job_id}", params={"pictures": "inline"}).json()["result"]
-                    before_queued = _former_png(decode_image(data, 10**9).image)
-                    before_finished = len(json.dumps(inline, separators=(",", ":")))
+                    decoded = decode_image(data, 10**9).image
+                    before_queued = _former_png(decoded)
+                    before_finished = _former_result(decoded)
                     finished = _usage(connection, f"unbox:*{job_id}*")
                     answer = len(json.dumps(view, separators=(",", ":")))
                     print(f"| {name} | {len(data):,} | {before_queued:,} | {queued[name]:,} | "

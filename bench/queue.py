@@ -59,7 +59,7 @@ def _spawn(command: str, env: dict[str, str]) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _wait_ready(url: str, process: subprocess.Popen) -> None:
+def wait_ready(url: str, process: subprocess.Popen) -> None:
     for _ in range(1200):
         if process.poll() is not None:
             raise SystemExit(f"the API exited with {process.returncode}")
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     url = f"http://127.0.0.1:{port}"
     processes = [_spawn("api", env), _spawn("worker", env)]
     try:
-        _wait_ready(url, processes[0])
+        wait_ready(url, processes[0])
         _wait_workers(redis_server.url, 1)
         with httpx.Client(base_url=url, timeout=120) as client:
             for _ in range(3):

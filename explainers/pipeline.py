@@ -124,15 +124,17 @@ def make_explainer(method: str, model: ModelHandle, layer: str | None, options: 
 
 
 def render_pictures(image: Image.Image, saliency: torch.Tensor, preprocessor: Any,
-                    overlay_max_side: int) -> HeatmapPictures:
-    """Grayscale PNG at the image's size and a colour overlay capped at ``overlay_max_side``."""
+                    overlay_max_side: int, map_at_display_size: bool = False) -> HeatmapPictures:
+    """Grayscale PNG of the map at the image's size (at the overlay's with ``map_at_display_size``,
+    as stored job results keep it) and a colour overlay capped at ``overlay_max_side``."""
     geometry = preprocessor.geometry(*image.size)
-    full = to_uint8(preprocessor.map_to_image(saliency, geometry))
     width, height = fit_within(image.width, image.height, overlay_max_side)
-    small = image if (width, height) == image.size else image.resize((width, height), Image.Resampling.BILINEAR)
-    levels = full if (width, height) == image.size else to_uint8(
-        preprocessor.map_to_image(saliency, geometry, width, height))
-    overlay = blend(np.asarray(small.convert("RGB")), levels)
+    display = (width, height) != image.size
+    small = image.resize((width, height), Image.Resampling.BILINEAR) if display else image
+    levels = to_uint8(preprocessor.map_to_image(saliency, geometry, width, height)) if display else None
+    full = levels if map_at_display_size and levels is not None else to_uint8(
+        preprocessor.map_to_image(saliency, geometry))
+    overlay = blend(np.asarray(small.convert("RGB")), full if levels is None else levels)
     grid = [[round(v, 4) for v in row] for row in saliency.float().cpu().tolist()]
     return HeatmapPictures(image.width, image.height, grid, encode_png(full), encode_png(overlay))
 
@@ -140,9 +142,10 @@ def render_pictures(image: Image.Image, saliency: torch.Tensor, preprocessor: An
 def explain_image(model: ModelHandle, image: Image.Image, method: str = "gradcam", target: int | None = None,
                   layer: str | None = None, top_k: int = 5, overlay_max_side: int = 1024,
                   options: dict[str, Any] | None = None, fastpath: FastPath | None = None,
-                  metrics: MetricUnit | None = None) -> ImageExplanation:
+                  metrics: MetricUnit | None = None, map_at_display_size: bool = False) -> ImageExplanation:
     """Predict ``image`` with ``model`` and explain ``target`` (default top-1) with ``method``;
-    with ``metrics`` (a unit of :func:`explainers.metrics.deletion_insertion`) also score the map.
+    with ``metrics`` (a unit of :func:`explainers.metrics.deletion_insertion`) also score the map;
+    ``map_at_display_size`` renders the map PNG at the overlay's size (see :func:`render_pictures`).
 
     What ran (Score-CAM's mode and channel count, the precision, ...) is in
     ``result.explanation.details``."""
@@ -155,7 +158,8 @@ def explain_image(model: ModelHandle, image: Image.Image, method: str = "gradcam
     target_index = int(explanation.targets[0])
     predictions = top_predictions(logits, model.labels, top_k)
     explained = time.perf_counter()
-    pictures = render_pictures(image, explanation.saliency[0], model.preprocessor, overlay_max_side)
+    pictures = render_pictures(image, explanation.saliency[0], model.preprocessor, overlay_max_side,
+                               map_at_display_size)
     finished = time.perf_counter()
     scores = (map_metrics(model.module, inputs, explanation.saliency, explanation.targets, unit=metrics,
                           cpu_runtime=(fastpath or EXACT).cpu_runtime) if metrics else None)

@@ -121,7 +121,9 @@ def test_cancel_queued_job_and_queue_full(stack: Stack, small_cat: bytes) -> Non
                     for _ in stack.workers]  # held until cancelled below: no deadline to outlast
         for job_id in blockers:
             wait_for(client, job_id, {"running"})
-        queued = [submitted(client, small_cat) for _ in range(MAX_QUEUE)]
+        receiver = WebhookReceiver()
+        queued = [submitted(client, small_cat, callback_url=receiver.url)]
+        queued += [submitted(client, small_cat) for _ in range(MAX_QUEUE - 1)]
         full = submit(client, small_cat)
         assert full.status_code == 503 and full.json()["error"]["code"] == "queue_full"
         assert int(full.headers["retry-after"]) >= 1
@@ -140,6 +142,13 @@ def test_cancel_queued_job_and_queue_full(stack: Stack, small_cat: bytes) -> Non
         view = client.get(f"/v1/jobs/{queued[0]}").json()
         assert view["status"] == "canceled" and view["attempts"] == 0 and view["started_at"] is None
     assert not stack.redis().exists(image_key(queued[0]))
+    try:  # the API's cancel is announced by a worker, once
+        assert receiver.event.wait(15), receiver.received
+        time.sleep(1.0)
+        (_, event), = receiver.accepted()
+        assert event["type"] == "job.canceled" and event["data"]["id"] == queued[0]
+    finally:
+        receiver.close()
 
 
 def test_concurrent_submissions_never_overfill_the_queue(stack: Stack, small_cat: bytes) -> None:
@@ -448,3 +457,18 @@ def test_a_full_redis_answers_storage_full(stack: Stack, small_cat: bytes) -> No
     finally:
         connection.config_set("maxmemory", str(1024 * 1024 * 1024))
     assert connection.dbsize() == before
+
+
+def test_job_pictures_are_sized_for_display(stack: Stack, chelsea: Image.Image) -> None:
+    """A job keeps its map PNG at the overlay's size (UNBOX_OVERLAY_MAX_SIDE, 1024), not the
+    upload's: width and height still name the upload's geometry, which the grid maps to."""
+    import io
+
+    large = png_of(chelsea.resize((1500, 1000), Image.Resampling.BILINEAR))
+    with stack.client() as client:
+        job_id = submitted(client, large, model="tiny")
+        assert wait_for(client, job_id, TERMINAL)["status"] == "succeeded"
+        heatmap = client.get(f"/v1/jobs/{job_id}", params={"pictures": "inline"}).json()["result"]["heatmap"]
+    assert (heatmap["width"], heatmap["height"]) == (1500, 1000)
+    for field in ("png", "overlay_png"):
+        assert Image.open(io.BytesIO(base64.b64decode(heatmap[field]))).size == (1024, 683), field

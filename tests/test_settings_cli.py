@@ -76,3 +76,13 @@ def test_offline_explain_refuses_a_text_file(tmp_path):
     bogus.write_text("hello")
     result = run_cli("explain", str(bogus))
     assert result.returncode == 2 and "supported format" in result.stderr
+
+
+def test_a_worker_with_a_configuration_error_exits_2() -> None:
+    """Exit 2 tells a supervisor that a restart will not help (an unknown model here); a Redis
+    that cannot be reached is not such an error (the worker waits for it)."""
+    done = run_cli("worker", env={"UNBOX_REDIS_URL": "redis://127.0.0.1:1/0", "UNBOX_MODELS": "no_such_model"})
+    assert done.returncode == 2
+    assert "UNBOX_MODELS names 'no_such_model'" in done.stderr
+    missing = run_cli("worker", env={"UNBOX_REDIS_URL": ""})
+    assert missing.returncode == 2 and "UNBOX_REDIS_URL is not set" in missing.stderr

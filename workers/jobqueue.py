@@ -55,6 +55,7 @@ WORKERS = f"{KEY_PREFIX}:workers"
 WORKER_BEATS = f"{KEY_PREFIX}:workers:beats"
 REAPER_PASS = f"{KEY_PREFIX}:reaper:pass"
 REAPER_WATCH = f"{KEY_PREFIX}:reaper:watch"
+ENDED = f"{KEY_PREFIX}:jobs:ended"  # jobs whose end is yet to be announced (webhooks); drained by workers
 WORKER_FORGET_S = 600  # a worker silent this long is dropped from the list
 WORKER_LOST_MESSAGE = ("the worker running this job stopped unexpectedly (killed, frozen or out of memory), "
                        "and so did the worker that retried it; the job was given up")
@@ -167,6 +168,7 @@ end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('DEL', 'unbox:image:' .. ARGV[1], 'unbox:cancel:' .. ARGV[1])
 redis.call('EXPIRE', key, f[3])
+redis.call('SADD', 'unbox:jobs:ended', ARGV[1])
 return 1
 """
 
@@ -213,6 +215,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl)) do
       redis.call('HSET', key, 'status', 'failed', 'ended_at', tostring(now), 'stage', 'failed', 'error', ARGV[3])
       redis.call('DEL', 'unbox:image:' .. id, 'unbox:cancel:' .. id)
       redis.call('EXPIRE', key, f[5])
+      redis.call('SADD', 'unbox:jobs:ended', id)
       table.insert(out, {id, 'failed'})
     end
   end
@@ -230,6 +233,7 @@ if f[1] == 'queued' then
     'error', ARGV[3])
   redis.call('DEL', KEYS[2])
   redis.call('EXPIRE', KEYS[1], f[3])
+  redis.call('SADD', 'unbox:jobs:ended', ARGV[1])
   return 'canceled'
 end
 if f[1] == 'running' then
@@ -427,6 +431,15 @@ class JobStore:
         answer = self._scripts["reap"](keys=[RUNNING, REAPER_PASS, REAPER_WATCH],
                                        args=[self.gap_s, self.ttl_s, error])
         return [(_text(job_id), _text(what)) for job_id, what in answer or []]
+
+    def ended(self, limit: int = 100) -> list[str]:
+        """Jobs that ended and whose end is not announced yet (each end is added in the same
+        script that writes it, so none is missed; :meth:`announced` takes them off)."""
+        return [_text(job_id) for job_id in self.redis.srandmember(ENDED, limit) or []]
+
+    def announced(self, job_ids: list[str]) -> None:
+        if job_ids:
+            self.redis.srem(ENDED, *job_ids)
 
     def beat_worker(self, name: str, info: dict[str, Any]) -> None:
         self._scripts["worker_beat"](keys=[WORKERS, WORKER_BEATS], args=[name, _json(info)])

@@ -42,7 +42,7 @@ def _runner(method: str):
             options = {"channels": params.channels, "memory_budget_mb": settings.scorecam_memory_mb}
         report(0.05, method)
         result = explain_image(model, image, method, target, params.layer, params.top_k, settings.overlay_max_side,
-                               options, settings.fast_path())
+                               options, settings.fast_path(), map_at_display_size=True)
         return {**result.as_json(), "params": params.model_dump()}
 
     return run

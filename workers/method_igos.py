@@ -100,7 +100,8 @@ def run_igos(method: str, model: Any, image: Any, target: int | None, params: IG
                                       cells=params.metric_cells, auc=params.metric_auc,
                                       cpu_runtime=settings.cpu_runtime)
     scored = time.perf_counter()
-    pictures = render_pictures(image, explanation.saliency[0], model.preprocessor, settings.overlay_max_side)
+    pictures = render_pictures(image, explanation.saliency[0], model.preprocessor, settings.overlay_max_side,
+                               map_at_display_size=True)
     logits = explanation.logits[0]
     target_index = int(explanation.targets[0])
     mask = explanation.details["mask"][0]

@@ -25,8 +25,9 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import redis
 
-from models.catalog import load_catalog
-from models.registry import ModelRegistry
+from models.build import ModelBuildError
+from models.catalog import CatalogError, load_catalog
+from models.registry import ModelRegistry, UnknownModelError
 from workers.jobqueue import JobStore, Lease, Outcome, connect
 from workers.jobs import JobFailure, JobTimeout, LeaseLost, Reporter, outcome_of, run_method
 from workers.methods import load_builtin_methods
@@ -81,6 +82,7 @@ class UnboxWorker:
         self.started_at = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
         self._beats = threading.Thread(target=self._beat_loop, name="unbox-beats", daemon=True)
         self._finished = threading.Event()
+        self._announcing = threading.Lock()
         self._outage_logged = False
 
     # --- signals ---
@@ -142,8 +144,7 @@ class UnboxWorker:
         self.store.beat_worker(self.name, self.info())
         for job_id, what in self.store.reap():
             logger.warning("job %s: its worker stopped beating; %s", job_id, what)
-            if what == "failed":
-                self._schedule_webhook(job_id)
+        self._announce_ended()
 
     def _beat_loop(self) -> None:
         while True:
@@ -157,12 +158,19 @@ class UnboxWorker:
                 return
 
     # --- jobs ---
-    def _schedule_webhook(self, job_id: str) -> None:
-        try:
-            if schedule_job_end(self.store, job_id) and self.webhooks is not None:
-                self.webhooks.wake.set()
-        except Exception:
-            logger.exception("could not schedule the webhook of job %s", job_id)
+    def _announce_ended(self) -> None:
+        """Schedule the webhooks of jobs that ended (by any process), then take them off the list;
+        a Redis error leaves the rest for the next beat, so every end is announced at least once."""
+        with self._announcing:
+            job_ids = self.store.ended()
+            done = []
+            try:
+                for job_id in job_ids:
+                    if schedule_job_end(self.store, job_id) and self.webhooks is not None:
+                        self.webhooks.wake.set()
+                    done.append(job_id)
+            finally:
+                self.store.announced(done)
 
     def _load_image(self, lease: Lease) -> Any:
         data = self._persist(lambda: self.store.redis.get(image_key(lease.job_id)), until=lambda: lease.lost)
@@ -183,7 +191,10 @@ class UnboxWorker:
         accepted = self._persist(lambda: self.store.finish(lease, outcome), until=lambda: self.cold)
         if accepted:
             logger.info("job %s %s (attempt %d)", lease.job_id, outcome.status, lease.attempt)
-            self._schedule_webhook(lease.job_id)
+            try:
+                self._announce_ended()
+            except redis.RedisError:
+                pass  # the beat thread announces it when Redis answers again
         elif accepted is False:
             logger.warning("job %s: attempt %d's outcome (%s) refused: its lease was lost meanwhile",
                            lease.job_id, lease.attempt, outcome.status)
@@ -268,12 +279,20 @@ def run_worker(settings: CoreSettings, burst: bool = False) -> int:
     try:
         load_builtin_methods(settings.job_method_modules)
         registry = ModelRegistry(load_catalog(settings.catalog), settings.resolved_device())
-    except SettingsError as exc:
+    except (SettingsError, CatalogError) as exc:
         logger.error("%s", exc)
         return 2
     for name in settings.models:
         started = time.perf_counter()
-        model = registry.get(name)
+        try:
+            model = registry.get(name)
+        except UnknownModelError:
+            logger.error("UNBOX_MODELS names %r, which the catalogue does not have; known: %s", name,
+                         ", ".join(sorted(registry.specs)))
+            return 2
+        except (ModelBuildError, OSError, ValueError, RuntimeError) as exc:
+            logger.error("model %s cannot be loaded: %s", name, exc)
+            return 2
         warm_fast_paths(model, settings)
         warm_igos_compile(model, settings)
         warm_onnx_runtime(model, settings, sag=True)
