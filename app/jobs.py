@@ -1,8 +1,9 @@
 """The asynchronous job API (``/v1/jobs``): submit, poll, cancel and fetch the picture.
 
 The API validates everything once at submission (method, params with the method's pydantic
-model, model, target, callback URL, the image through ``app.intake``), stores the clean image
-in Redis with a TTL and enqueues a JSON payload (``workers.payload.JobPayload``). When Redis
+model, model, target, callback URL, the image through ``app.intake``), then stores the image in
+its compact, metadata-free form and enqueues a JSON payload (``workers.payload.JobPayload``)
+in one script of ``workers.jobqueue``. When Redis
 is unreachable the job endpoints answer 503 and the rest of the API is unaffected; every call
 reconnects, so it recovers by itself when Redis returns.
 """

@@ -1,5 +1,5 @@
 """Hostile input gets a 4xx, never a hang or a 500: bounded JSON, stalled and crowded uploads,
-Score-CAM's synchronous cost cap, and /healthz answering while inference is busy. Real
+Score-CAM's synchronous cost cap, and /healthz and /readyz answering while inference is busy. Real
 ``unbox api`` processes, raw sockets where a client has to misbehave."""
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def test_exact_scorecam_is_allowed_on_layers_within_the_cap(resnet_catalog):
 
 # ----- health under load -------------------------------------------------------------------------
 
-def test_healthz_answers_while_inference_is_busy(api, coffee):
+def test_health_probes_answer_while_inference_is_busy(api, coffee):
     image = jpeg_bytes(coffee)  # 600 x 400
 
     def one(_: int) -> int:
@@ -238,15 +238,15 @@ def test_healthz_answers_while_inference_is_busy(api, coffee):
         time.sleep(0.3)  # the explains are queued on the server
         latencies, statuses = [], []
         with httpx.Client(base_url=api, timeout=10) as client:
-            for _ in range(20):
+            for probe in ("/healthz", "/readyz") * 10:
                 began = time.perf_counter()
-                statuses.append(client.get("/healthz").status_code)
+                statuses.append(client.get(probe).status_code)
                 latencies.append(time.perf_counter() - began)
                 time.sleep(0.02)
         in_flight = sum(not future.done() for future in futures)
         results = [future.result() for future in futures]
     median, worst = statistics.median(latencies), max(latencies)
-    print(f"/healthz under load: median {median * 1e3:.1f} ms, max {worst * 1e3:.1f} ms, "
+    print(f"/healthz and /readyz under load: median {median * 1e3:.1f} ms, max {worst * 1e3:.1f} ms, "
           f"{in_flight} of 24 explains still in flight after sampling")
     assert statuses == [200] * 20 and results == [200] * 24
     assert in_flight > 0
