@@ -33,7 +33,7 @@ from models.catalog import DEFAULT_MODEL
 from models.labels import load_labels
 from app.json_input import parse_json_object
 from app.queue_health import QueueHealth
-from workers.jobqueue import TERMINAL, JobStore, connect, is_out_of_memory, job_view
+from workers.jobqueue import TERMINAL, JobStore, connect, is_out_of_memory
 from workers.methods import JobMethod, load_builtin_methods, method_timeout
 from workers.payload import JobPayload, idempotency_key
 from workers.result_files import FILE_NAME, file_key, inline_files, media_type
@@ -94,7 +94,7 @@ class JobsClient:
     def _fields(self, store: JobStore, job_id: str) -> dict[str, str]:
         fields = store.fields(job_id) if _JOB_ID.match(job_id) else None
         if fields is None:
-            raise ApiError(404, "job_not_found", f"no job {job_id!r}: it never existed or it has expired")
+            raise _job_not_found(job_id)
         return fields
 
     # ----- validation -----------------------------------------------------------------------
@@ -149,7 +149,6 @@ class JobsClient:
         payload = JobPayload(method=method.name, model=model, target=target, params=params,
                              callback_url=callback_url or None).model_dump(mode="json")
         fingerprint = hashlib.sha256(data + json.dumps(payload, sort_keys=True).encode()).hexdigest()
-        stored = encode_for_storage(data, decoded.image, decoded.format)
         settings = self.settings
         with self._reachable() as store:
             job_id = uuid.uuid4().hex
@@ -159,6 +158,7 @@ class JobsClient:
                 if replay is not None:
                     return replay, True
             try:
+                stored = encode_for_storage(data, decoded.image, decoded.format)  # not for a replay
                 answer = store.enqueue(job_id, payload, stored, timeout_s=method_timeout(method, settings.job_timeouts),
                                        pending_ttl_s=settings.job_image_ttl_s, result_ttl_s=settings.job_result_ttl_s,
                                        max_queue=settings.max_queue_length)
@@ -210,8 +210,7 @@ class JobsClient:
             if store.is_stale(fields):  # no live worker's reaper noticed yet: do it here
                 store.reap()
                 fields = self._fields(store, job_id)
-            position = store.position(fields) if fields.get("status") == "queued" else None
-            view = job_view(fields, position)
+            view = store.view_of(fields)
             if inline and isinstance(view.get("result"), dict):
                 inline_files(view["result"], lambda name: store.redis.get(file_key(job_id, name)))
             return view
@@ -229,12 +228,13 @@ class JobsClient:
 
     def cancel(self, job_id: str) -> tuple[int, dict[str, Any]]:
         """Cancel a queued job now (200), ask a running one to stop (202); 409 once it has ended."""
+        if not _JOB_ID.match(job_id):
+            raise _job_not_found(job_id)
         with self._reachable() as store:
-            self._fields(store, job_id)
             answer = store.cancel(job_id, self.settings.job_result_ttl_s)
-            view = store.view(job_id, with_result=False)
-            if view is None or answer == "missing":
-                raise ApiError(404, "job_not_found", f"no job {job_id!r}: it never existed or it has expired")
+            view = store.view(job_id, with_result=False) if answer != "missing" else None
+            if view is None:
+                raise _job_not_found(job_id)
             if answer == "canceled":
                 return 200, view
             if answer == "requested":
@@ -253,6 +253,10 @@ class JobsClient:
         if not encoded:
             raise ApiError(404, "no_picture", f"the result of job {job_id} has no picture")
         return base64.b64decode(encoded)
+
+
+def _job_not_found(job_id: str) -> ApiError:
+    return ApiError(404, "job_not_found", f"no job {job_id!r}: it never existed or it has expired")
 
 
 # ----- routes -------------------------------------------------------------------------------

@@ -363,8 +363,10 @@ class JobStore:
 
     def view(self, job_id: str, *, with_result: bool = True) -> dict[str, Any] | None:
         fields = self.fields(job_id)
-        if fields is None:
-            return None
+        return None if fields is None else self.view_of(fields, with_result=with_result)
+
+    def view_of(self, fields: dict[str, str], *, with_result: bool = True) -> dict[str, Any]:
+        """The view of a job read with :meth:`fields` (its queue position looked up while queued)."""
         position = self.position(fields) if fields.get("status") == "queued" else None
         return job_view(fields, position, with_result=with_result)
 
