@@ -8,22 +8,26 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+from app import package_version
 from app.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from workers.supervisor import WorkerSupervisor
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as workers/worker.py logs
-
-
 def _setup_logging(settings: Settings) -> None:
-    """Give the ``unbox`` loggers (the supervisor's restarts, the API's warnings) a handler on stderr."""
-    import logging
+    """One handler for every logger of this process (the ``unbox`` loggers, uvicorn's), in the
+    format of UNBOX_LOG_FORMAT; the same set-up the workers use."""
+    from workers.logging_setup import configure_logging
 
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    configure_logging(settings.log_level, settings.log_format)
+
+
+def _listen_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """``--host`` / ``--port`` (of ``api`` and ``serve``), which win over UNBOX_HOST / UNBOX_PORT."""
+    return {name: value for name in ("host", "port") if (value := getattr(args, name, None)) is not None}
 
 
 def _run_api(settings: Settings) -> int:
@@ -35,8 +39,10 @@ def _run_api(settings: Settings) -> int:
     _setup_logging(settings)
     app = create_app(settings)
     print(f"Unbox API on http://{settings.host}:{settings.port}  (docs: /docs)", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                **uvicorn_options(settings))
+    # log_config=None: uvicorn's loggers print through our handler, in our format; its access log
+    # is off because app.request_ids logs each request (with its route template and request id).
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
+                access_log=False, **uvicorn_options(settings))
     return 0
 
 
@@ -77,6 +83,7 @@ def _serve(settings: Settings, workers: int | None = None) -> int:
     stops the API, the workers (after their current jobs, at most 30 s) and Redis, in that order.
     """
     from workers.redis_server import EmbeddedRedis
+    from workers.redis_url import redact_url
     from workers.supervisor import WorkerSupervisor
 
     def _terminate(_signum: int, _frame: object) -> None:
@@ -93,7 +100,7 @@ def _serve(settings: Settings, workers: int | None = None) -> int:
         env = {**os.environ, "UNBOX_REDIS_URL": settings.redis_url or ""}
         supervisor = WorkerSupervisor([sys.executable, "-m", "app.cli", "worker"],
                                       workers or settings.serve_workers, env=env).start()
-        where = f"embedded at {embedded.url}" if embedded else settings.redis_url
+        where = f"embedded at {embedded.display_url}" if embedded else redact_url(settings.redis_url)
         print(f"Unbox on http://{settings.host}:{settings.port}  (Redis {where}; "
               f"{_workers_phrase(supervisor.pids())}; Ctrl-C stops all)", flush=True)
         return _run_api(settings)
@@ -150,25 +157,84 @@ def _explain(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _worker_count(text: str) -> int:
-    """``--workers`` values: an integer from 1 to 64 (the range of UNBOX_SERVE_WORKERS)."""
+def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    """``unbox keys add | list | revoke``: manage the key file named by UNBOX_API_KEYS_FILE (or --file)."""
+    from app.api_keys import KeyFileError, add_key, parse_scopes, read_keys, revoke_key
+
+    path = Path(args.file) if args.file else settings.api_keys_file
+    if path is None:
+        print("unbox keys: set UNBOX_API_KEYS_FILE (or pass --file) to the key file to manage", file=sys.stderr)
+        return 2
     try:
-        count = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 1 <= count <= 64:
-        raise argparse.ArgumentTypeError(f"must be from 1 to 64, got {count}")
-    return count
+        if args.keys_command == "add":
+            record, token = add_key(path, args.name, parse_scopes(args.scopes), args.rate_limit, args.max_queued_jobs)
+            print(f"created key {record.id} ({record.name}; scopes {', '.join(record.scopes)}) in {path}")
+            print("store it now: it is shown once, and only its hash is kept")
+            print(token)
+        elif args.keys_command == "list":
+            keys = [key.public() for key in read_keys(path).values()]
+            if args.json:
+                print(json.dumps(keys, indent=2))
+            for key in [] if args.json else keys:
+                print(f"{key['id']}  {key['name']:<24}  {','.join(key['scopes']):<28}  {key['created_at']}")
+        else:
+            record = revoke_key(path, args.id)
+            print(f"revoked key {record.id} ({record.name}); the API refuses it within a second")
+    except KeyFileError as exc:
+        print(f"unbox keys: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` (to ``high``), with a readable refusal."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}" if high is not None
+                                             else f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _add_keys_parser(commands: argparse._SubParsersAction) -> None:
+    keys = commands.add_parser("keys", help="manage API keys (the file named by UNBOX_API_KEYS_FILE)")
+    keys.add_argument("--file", default=None, help="the key file (default: UNBOX_API_KEYS_FILE)")
+    actions = keys.add_subparsers(dest="keys_command", required=True)
+    add = actions.add_parser("add", help="create a key; prints it once, alone on the last line")
+    add.add_argument("name", help="who the key is for, e.g. radiology-dashboard")
+    add.add_argument("--scopes", default="predict,explain,jobs",
+                     help="comma-separated, of predict, explain, jobs, admin (default: predict,explain,jobs)")
+    add.add_argument("--rate-limit", type=bounded_int(1), default=None, metavar="N",
+                     help="requests per minute on /v1/predict and /v1/explain (default: UNBOX_RATE_LIMIT_PER_MINUTE)")
+    add.add_argument("--max-queued-jobs", type=bounded_int(1), default=None, metavar="N",
+                     help="jobs queued or running at once (default: UNBOX_MAX_QUEUED_JOBS_PER_KEY)")
+    listing = actions.add_parser("list", help="the keys: id, name, scopes, creation time (never a secret)")
+    listing.add_argument("--json", action="store_true")
+    revoke = actions.add_parser("revoke", help="remove a key; the API refuses it at once")
+    revoke.add_argument("id")
+
+
+def _add_listen_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=None, help="address the API listens on (default: UNBOX_HOST, 127.0.0.1)")
+    parser.add_argument("--port", type=bounded_int(1, 65535), default=None,
+                        help="port of the API (default: UNBOX_PORT, 8000)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unbox", description="Predictions with the heat maps that explain them.")
+    parser.add_argument("--version", action="version", version=f"unbox {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run everything on this machine: the API, workers (restarted "
                                 "when they die) and (unless UNBOX_REDIS_URL is set) an embedded Redis")
-    serve.add_argument("--workers", type=_worker_count, default=None, metavar="N",
+    serve.add_argument("--workers", type=bounded_int(1, 64), default=None, metavar="N",
                        help="worker processes to run and restart, 1-64 (default: UNBOX_SERVE_WORKERS, 1)")
-    commands.add_parser("api", help="run the HTTP API alone")
+    api = commands.add_parser("api", help="run the HTTP API alone")
+    for listener in (serve, api):
+        _add_listen_options(listener)
     worker_help = ("run one queue worker with warm models (needs UNBOX_REDIS_URL); meant to run under a "
                    "supervisor (systemd, Kubernetes, or `unbox serve`) that restarts it when it exits")
     worker = commands.add_parser(
@@ -177,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "configuration error, which a restart will not fix. Examples: docs/deploy/unbox-worker.service "
         "(systemd), docs/deploy/kubernetes-worker.yaml.")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    _add_keys_parser(commands)
     explain = commands.add_parser("explain", help="explain one image offline, no server")
     explain.add_argument("image")
     explain.add_argument("--method", default="gradcam", help="gradcam (default) or cam")
@@ -193,13 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings()
+        settings = load_settings(**_listen_overrides(args))
         if args.command == "serve":
             return _serve(settings, args.workers)
         if args.command == "worker":
             return _run_worker(args, settings)
         if args.command == "api":
             return _run_api(settings)
+        if args.command == "keys":
+            return _keys(args, settings)
         return _explain(args, settings)
     except SettingsError as exc:
         print(f"unbox: {exc}", file=sys.stderr)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from app.schemas import ERROR_RESPONSES, ExplainResponse, ModelOut, ModelsResponse, PredictResponse
+from app.auth import require
+from app.schemas import (CLASS_INDEX, LAYER_PATH, MODEL_NAME, RATE_LIMIT_HEADERS, SCORECAM_CHANNELS, SYNC_METHOD_NAMES,
+                         ExplainResponse, HealthResponse, ModelOut, ModelsResponse, PredictResponse, ReadyResponse,
+                         error_responses, header)
 from app.service import InferenceService
 from explainers.metrics import MetricUnit
 from models.catalog import DEFAULT_MODEL
@@ -16,7 +19,7 @@ from models.catalog import DEFAULT_MODEL
 router = APIRouter()
 
 ImageField = Annotated[UploadFile, File(description="the image: JPEG, PNG, WebP, BMP, GIF or TIFF")]
-ModelField = Annotated[str, Form(description="model name (see GET /v1/models)")]
+ModelField = Annotated[str, Form(description="model name (see GET /v1/models)", json_schema_extra=MODEL_NAME)]
 TopKField = Annotated[int, Form(ge=1, le=100, description="how many predictions to return")]
 
 
@@ -24,7 +27,14 @@ def _service(request: Request) -> InferenceService:
     return request.app.state.service
 
 
-@router.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES, tags=["inference"])
+SYNC_ERRORS = error_responses(400, 413, 415, 422, 429, 503)
+PNG_HEADERS = {"X-Unbox-Target": header("the explained class index", {"type": "integer"}),
+               "X-Unbox-Label": header("its label")}
+
+
+@router.post("/v1/predict", response_model=PredictResponse, tags=["inference"],
+             responses={**SYNC_ERRORS, 200: {"headers": RATE_LIMIT_HEADERS}},
+             dependencies=[Depends(require("predict"))])
 async def predict(request: Request, image: ImageField, model: ModelField = DEFAULT_MODEL,
                   top_k: TopKField = 5) -> dict:
     """Classify an image: the top-k classes with their softmax probabilities."""
@@ -33,18 +43,26 @@ async def predict(request: Request, image: ImageField, model: ModelField = DEFAU
 
 
 @router.post("/v1/explain", response_model=ExplainResponse, responses={
-    **ERROR_RESPONSES, 200: {"content": {"image/png": {}}, "description": "JSON, or the overlay PNG for Accept: image/png"}},
-    tags=["inference"])
+    **SYNC_ERRORS, 200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                         "description": "JSON, or the overlay PNG for Accept: image/png",
+                         "headers": {**RATE_LIMIT_HEADERS, **PNG_HEADERS}}},
+    tags=["inference"], dependencies=[Depends(require("explain"))])
 async def explain(
     request: Request,
     image: ImageField,
-    method: Annotated[str, Form(description="gradcam (default), scorecam or cam")] = "gradcam",
+    method: Annotated[str, Form(description="gradcam (default), scorecam or cam",
+                                json_schema_extra=SYNC_METHOD_NAMES)] = "gradcam",
     model: ModelField = DEFAULT_MODEL,
-    target: Annotated[int | None, Form(description="class index to explain; default the top-1 class")] = None,
-    layer: Annotated[str | None, Form(description="module path of the layer; default the model's")] = None,
+    target: Annotated[int | None, Form(description="class index to explain, below the model's class count; "
+                                      "default the top-1 class", json_schema_extra=CLASS_INDEX)] = None,
+    layer: Annotated[str | None, Form(description="module path of the layer (one of the model's modules, else "
+                                      "422 unknown_layer); default the model's", json_schema_extra=LAYER_PATH)] = None,
     top_k: TopKField = 5,
-    channels: Annotated[str | None, Form(description="scorecam only: how many channels to score (fast mode; "
-                                          "default from UNBOX_SCORECAM_CHANNELS) or 'all' (exact)")] = None,
+    channels: Annotated[str | None, Form(description="scorecam only (with another method: 422): how many channels "
+                                          "to score (fast mode; default from UNBOX_SCORECAM_CHANNELS), at most "
+                                          "UNBOX_SYNC_SCORECAM_MAX_CHANNELS, or 'all' (exact; 422 too_costly when "
+                                          "the layer is wider than that cap)",
+                                          json_schema_extra=SCORECAM_CHANNELS)] = None,
     metrics: Annotated[bool, Form(description="also score the map: deletion/insertion AUCs and their protocol "
                                   "(blurred baseline, softmax probability, 50 steps; about 100 extra forwards)")] = False,
     metrics_unit: Annotated[MetricUnit, Form(
@@ -61,7 +79,7 @@ async def explain(
     return JSONResponse(result.as_json())
 
 
-@router.get("/v1/models", response_model=ModelsResponse, tags=["models"])
+@router.get("/v1/models", response_model=ModelsResponse, tags=["models"], dependencies=[Depends(require())])
 def list_models(request: Request) -> dict:
     """The catalogue: every model that can be asked for, and whether it is warm."""
     registry = _service(request).registry
@@ -76,14 +94,16 @@ def list_models(request: Request) -> dict:
     return {"default": DEFAULT_MODEL, "models": models}
 
 
-@router.get("/healthz", tags=["operations"])
+@router.get("/healthz", tags=["operations"], response_model=HealthResponse)
 async def healthz() -> dict:
     """The process is alive. Runs on the event loop itself, so it never queues behind inference
     for a thread of the pool."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["operations"])
+@router.get("/readyz", tags=["operations"], response_model=ReadyResponse,
+            responses={503: {"model": ReadyResponse, "description": "not ready yet (models loading or warming, "
+                             "or a failed load): the same body"}})
 async def readyz(request: Request) -> JSONResponse:
     """Ready when every start-up model is loaded and warmed (503 while loading, while its fast
     paths warm up, or after a failed load).
@@ -113,7 +133,8 @@ async def readyz(request: Request) -> JSONResponse:
                         status_code=200 if ready else 503)
 
 
-@router.get("/metrics", tags=["operations"])
+@router.get("/metrics", tags=["operations"], dependencies=[Depends(require("admin"))], response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format (version 0.0.4)"}})
 def metrics(request: Request) -> Response:
     """Prometheus metrics."""
     service = _service(request)

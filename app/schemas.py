@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+from explainers.pipeline import SYNC_METHODS
 
 
 class ErrorBody(BaseModel):
@@ -38,7 +40,7 @@ class HeatmapOut(BaseModel):
 
 class ExplainResponse(BaseModel):
     model: str
-    method: str
+    method: Literal["gradcam", "scorecam", "cam"]
     layer: str | None
     target: PredictionOut
     predictions: list[PredictionOut]
@@ -68,13 +70,111 @@ class ModelsResponse(BaseModel):
     models: list[ModelOut]
 
 
-ERROR_RESPONSES: dict[int | str, dict] = {
-    status: {"model": ErrorResponse, "description": text}
-    for status, text in {
-        400: "unreadable or corrupt image",
-        413: "too many bytes or pixels",
-        415: "not an image in a supported format",
-        422: "invalid parameter (unknown model, method, layer, target out of range)",
-        503: "model loading or dependency unavailable",
-    }.items()
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class WorkerOut(BaseModel):
+    """One worker as it last reported itself (its beat's ``info``) and its liveness."""
+
+    name: str
+    alive: bool = Field(description="beat within the heartbeat TTL")
+    last_beat_s_ago: float
+    pid: int | None = None
+    host: str | None = None
+    state: Literal["busy", "idle"] | None = None
+    job: str | None = Field(None, description="the job it runs, when busy")
+    started_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    jobs_done: int | None = None
+    device: str | None = None
+    models: list[str] | None = None
+    queue: str | None = None
+    stopping: bool | None = None
+
+
+class WorkersSummary(BaseModel):
+    alive: int
+    busy: int
+    list_: list[WorkerOut] = Field(alias="list")
+
+
+class QueueHealthOut(BaseModel):
+    status: Literal["ok", "unreachable", "not_configured"]
+    queued: int | None = Field(None, description="jobs waiting (when reachable)")
+    workers: WorkersSummary | None = None
+    problem: str | None = Field(None, description="set when jobs are queued and no worker is alive")
+
+
+class ReadyResponse(BaseModel):
+    """``/readyz``: 200 when ready or degraded, 503 (same body) while not ready."""
+
+    status: Literal["ready", "degraded", "not_ready"]
+    models: dict[str, str] = Field(description="per start-up model: loaded, warming, loading or 'failed: ...'")
+    queue: QueueHealthOut
+
+
+class WorkersResponse(BaseModel):
+    workers: list[WorkerOut]
+    alive: int
+    busy: int
+    queued: int
+
+
+# ----- what form, query and path fields accept (JSON Schema the service checks itself) ----------
+# The service validates these with its own error codes (unknown_model, invalid_target ...), so the
+# constraints are documented here rather than enforced by FastAPI. ``x-unbox-fill`` marks what
+# app.openapi fills in from the server itself (its catalogue, job methods and settings).
+MODEL_NAME = {"x-unbox-fill": "models"}
+CLASS_INDEX = {"x-unbox-fill": "class_index", "minimum": 0}
+SYNC_METHOD_NAMES = {"enum": sorted(SYNC_METHODS)}
+SCORECAM_CHANNELS = {"x-unbox-fill": "scorecam_channels",
+                     "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "const": "all"}]}
+LAYER_PATH = {"pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", "maxLength": 256}
+JSON_OBJECT_TEXT = {"contentMediaType": "application/json", "contentSchema": {"type": "object"}}
+CALLBACK_URL = {"pattern": r"^https?://[^\x00-\x20\x7f\\/?#@]+([/?#][^\x00-\x20\x7f\\]*)?$", "maxLength": 2048}
+IDEMPOTENCY_KEY = {"minLength": 1, "maxLength": 255}
+JOB_ID = {"pattern": r"^[A-Za-z0-9_-]{1,64}$"}
+FILE_NAME = {"pattern": r"^[A-Za-z0-9_.]{1,128}$"}
+
+
+# ----- the error envelope in OpenAPI ----------------------------------------------------------
+def header(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"description": description, "schema": schema or {"type": "string"}}
+
+
+RETRY_AFTER = {"Retry-After": header("seconds to wait before retrying", {"type": "integer", "minimum": 0})}
+RATE_LIMIT_HEADERS = {
+    "RateLimit-Policy": header('the caller\'s quota (IETF draft), e.g. "per-minute";q=120;w=60'),
+    "RateLimit": header('what is left of it, e.g. "per-minute";r=119;t=1'),
 }
+CHALLENGE = {"WWW-Authenticate": header('the Bearer challenge, e.g. Bearer realm="unbox", error="invalid_token"')}
+
+ERROR_STATUSES: dict[int, tuple[str, dict[str, Any]]] = {
+    400: ("unreadable or corrupt image (bad_request, corrupt_image ...)", {}),
+    401: ("unauthorized: no API key, or an invalid or revoked one (API keys on)", CHALLENGE),
+    403: ("insufficient_scope: the API key lacks this route's scope", CHALLENGE),
+    404: ("not found (job_not_found, file_not_found, no_picture, not_found)", {}),
+    408: ("upload_timeout: the request body stalled; the connection is closed", {}),
+    409: ("conflict (job_finished, job_not_succeeded, request_in_progress)", RETRY_AFTER),
+    413: ("too many bytes or pixels (payload_too_large, upload_too_large, too_many_pixels)", {}),
+    415: ("not an image in a supported format (unsupported_format)", {}),
+    422: ("invalid parameter (invalid_parameter, unknown_model, unknown_method, unknown_layer, invalid_target, "
+          "invalid_params, invalid_callback_url, too_costly, idempotency_key_reused ...)", {}),
+    429: ("rate_limited (requests per minute) or quota_exceeded (jobs queued or running)",
+          {**RETRY_AFTER, **RATE_LIMIT_HEADERS}),
+    500: ("internal_error: a bug; see the server log", {}),
+    503: ("unavailable: model_loading, model_unavailable, queue_unavailable, queue_full, storage_full, "
+          "too_many_uploads, queue_not_configured", RETRY_AFTER),
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` argument documenting ``statuses`` with the error envelope and their headers."""
+    answers: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        description, headers = ERROR_STATUSES[status]
+        answers[status] = {"model": ErrorResponse, "description": description}
+        if headers:
+            answers[status]["headers"] = dict(headers)
+    return answers
+

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationError
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import NoDecode
 
 from workers.settings import CoreSettings, SettingsError, readable_settings_error
 
@@ -30,6 +35,44 @@ class Settings(CoreSettings):
     sync_scorecam_max_channels: int = Field(256, ge=1, description="most channels a synchronous Score-CAM "
                                             "(/v1/explain) may score; more (or 'all' on a wider layer) gets "
                                             "422 too_costly: queue it with POST /v1/jobs method scorecam")
+
+    # --- tenants and trust ---
+    api_keys_file: Path | None = Field(None, description="TOML file of API keys (`unbox keys add`); set: every "
+                                       "/v1 route needs Authorization: Bearer KEY; unset: no authentication")
+    metrics_need_key: bool = Field(True, description="with API keys on, GET /metrics needs a key with the admin "
+                                   "scope (false: open, e.g. to a scraper on a private network)")
+    docs_need_key: bool = Field(False, description="with API keys on, /docs and /openapi.json need a key")
+    rate_limit_per_minute: int = Field(120, ge=0, description="requests per minute per key (per client address "
+                                       "with keys off) on /v1/predict and /v1/explain; 0: no limit; a key's "
+                                       "rate_limit_per_minute overrides it")
+    max_queued_jobs_per_key: int = Field(100, ge=0, description="jobs one key (one client address with keys off) "
+                                         "may have queued or running at once; 0: no limit; a key's "
+                                         "max_queued_jobs overrides it")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed to call the API from a browser (comma-separated, "
+        "e.g. https://dash.example.org); none by default")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path)")
+        return value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _check_keys_file(cls, value: Path | None) -> Path | None:
+        if value is not None and value.exists() and not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -100,8 +100,9 @@ def start_api(env_overrides: dict[str, str], log_path: Path, command: str = "api
               args: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
     """Start ``unbox <command> [args]`` as a real process on a free port; returns it and its base URL."""
     port = free_port()
+    # No per-address rate limit unless a test asks for one: the suite's clients all share 127.0.0.1.
     env = {**os.environ, "UNBOX_HOST": "127.0.0.1", "UNBOX_PORT": str(port), "UNBOX_LOG_LEVEL": "warning",
-           **env_overrides}
+           "UNBOX_RATE_LIMIT_PER_MINUTE": "0", **env_overrides}
     log = open(log_path, "wb")
     process = subprocess.Popen([sys.executable, "-m", "app.cli", command, *args], cwd=REPO, env=env,
                                stdout=log, stderr=subprocess.STDOUT)

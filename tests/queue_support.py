@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -32,7 +33,8 @@ from workers.methods import JobMethod, ProgressReporter, register
 from workers.redis_server import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parents[1]
-WEBHOOK_SECRET = "whsec_" + "dW5ib3gtdGVzdC1zZWNyZXQtMzItYnl0ZXMtbG9uZyEh"  # base64 of a test key
+WEBHOOK_SECRET = "whsec_" + "dW5ib3gtdGVzdC1zZWNyZXQtMzItYnl0ZXMtbG9uZyEh"  # base64 of a 33-byte test key
+WEBHOOK_ALLOW_NETWORKS = "127.0.0.1/32"  # the test receivers listen on loopback, which callbacks may not reach by default
 
 
 class SlowParams(BaseModel):
@@ -127,6 +129,7 @@ def running_stack(artifacts: Path, folder: Path, name: str, workers: int = 2, mo
     full_env = {"UNBOX_REDIS_URL": server.url, "UNBOX_JOB_METHOD_MODULES": "tests.queue_support",
                 "UNBOX_CATALOG": str(catalog), "UNBOX_MODELS": models,
                 "UNBOX_WEBHOOK_SECRET": WEBHOOK_SECRET, "UNBOX_WEBHOOK_BACKOFF_S": "0.3",
+                "UNBOX_WEBHOOK_ALLOW_NETWORKS": WEBHOOK_ALLOW_NETWORKS,
                 "UNBOX_WORKER_HEARTBEAT_S": "0.5", "UNBOX_TORCH_THREADS": "1", **(env or {})}
     (artifacts / f"{name}-worker.log").unlink(missing_ok=True)
     started: Stack | None = None
@@ -222,11 +225,15 @@ def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: flo
 
 
 class WebhookReceiver:
-    """A local HTTP server recording POSTs; the first ``fail_first`` answers are 500."""
+    """A local HTTP server recording POSTs (headers lowercased, ``:path`` the request target);
+    the first ``fail_first`` answers are 500; with ``redirect_to``, every answer is a 302 there;
+    with ``tls``, it speaks HTTPS. ``host_name`` is the host its ``url`` names (it listens on 127.0.0.1)."""
 
-    def __init__(self, fail_first: int = 0) -> None:
+    def __init__(self, fail_first: int = 0, redirect_to: str | None = None, tls: ssl.SSLContext | None = None,
+                 host_name: str = "127.0.0.1") -> None:
         self.received: list[tuple[dict[str, str], bytes, int]] = []
         self.fail_first = fail_first
+        self.redirect_to = redirect_to
         self.event = threading.Event()
         receiver = self
 
@@ -234,9 +241,13 @@ class WebhookReceiver:
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 status = 500 if len(receiver.received) < receiver.fail_first else 204
+                status = 302 if receiver.redirect_to else status
                 headers = {name.lower(): value for name, value in self.headers.items()}
+                headers[":path"] = self.path
                 receiver.received.append((headers, body, status))
                 self.send_response(status)
+                if receiver.redirect_to:
+                    self.send_header("Location", receiver.redirect_to)
                 self.end_headers()
                 if status == 204:
                     receiver.event.set()
@@ -245,8 +256,11 @@ class WebhookReceiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        if tls is not None:  # HTTPS: the TLS handshake happens as each connection is accepted
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.url = f"{'https' if tls else 'http'}://{host_name}:{self.port}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)  # quick close
         self.thread.start()
 
     def accepted(self) -> list[tuple[dict[str, str], dict[str, Any]]]:

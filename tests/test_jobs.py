@@ -20,7 +20,7 @@ from PIL import Image
 from tests.conftest import CAT_CLASSES
 from tests.queue_support import (TERMINAL, WEBHOOK_SECRET, Stack, WebhookReceiver, png_of, running_stack, submit,
                                  submitted, wait_for)
-from workers.jobqueue import job_key
+from workers.jobqueue import ANONYMOUS, job_key
 from workers.payload import idempotency_key, image_key
 from workers.webhooks import signing_key, verify
 
@@ -79,7 +79,8 @@ def test_gradcam_job_succeeds_with_the_sync_answer(stack: Stack, small_cat: byte
     assert not connection.exists(image_key(job_id)), "the uploaded image outlives its job"
     assert 0 < connection.ttl(job_key(job_id)) <= RESULT_TTL_S
     payload = json.loads(connection.hget(job_key(job_id), "payload"))  # data, not a callable or a pickle
-    assert payload["method"] == "gradcam" and set(payload) == {"method", "model", "target", "params", "callback_url"}
+    assert payload["method"] == "gradcam" and set(payload) == {"method", "model", "target", "params", "callback_url",
+                                                                     "request_id"}
 
 
 def test_progress_rises_through_queued_running_succeeded(stack: Stack, small_cat: bytes) -> None:
@@ -154,6 +155,7 @@ def test_cancel_queued_job_and_queue_full(stack: Stack, small_cat: bytes) -> Non
 def test_concurrent_submissions_never_overfill_the_queue(stack: Stack, small_cat: bytes) -> None:
     """Eight submissions race for the last two places of a queue no worker takes from: the length
     check and the push are one Redis script, so exactly two get in."""
+    from app.auth import anonymous
     from app.errors import ApiError
     from app.jobs import JobsClient
     from app.metrics import Metrics
@@ -168,7 +170,8 @@ def test_concurrent_submissions_never_overfill_the_queue(stack: Stack, small_cat
 
     def attempt(_: int) -> str:
         try:
-            jobs.submit(small_cat, "gradcam", "efficientnet_lite0", None, None, None, None)
+            jobs.submit(anonymous("127.0.0.1", settings), small_cat, "gradcam", "efficientnet_lite0", None, None,
+                        None, None)
             return "accepted"
         except ApiError as exc:
             return exc.code
@@ -410,14 +413,14 @@ def test_every_job_answer_has_a_test(stack: Stack, small_cat: bytes) -> None:
         view = wait_for(client, expired, TERMINAL)
         assert view["status"] == "failed" and view["error"]["code"] == "image_expired", view
 
-        stack.redis().set(idempotency_key("in-flight"), json.dumps({"job_id": "0" * 32, "fingerprint": "x"}), ex=3600)
+        stack.redis().set(idempotency_key(ANONYMOUS, "in-flight"), json.dumps({"job_id": "0" * 32, "fingerprint": "x"}), ex=3600)
         busy = submit(client, small_cat, idempotency_key="in-flight")
         assert busy.status_code == 422  # another request's fingerprint
         from workers.payload import JobPayload
         import hashlib
         payload = JobPayload(method="gradcam", model="efficientnet_lite0").model_dump(mode="json")
         fingerprint = hashlib.sha256(small_cat + json.dumps(payload, sort_keys=True).encode()).hexdigest()
-        stack.redis().set(idempotency_key("in-flight"), json.dumps({"job_id": "0" * 32, "fingerprint": fingerprint}),
+        stack.redis().set(idempotency_key(ANONYMOUS, "in-flight"), json.dumps({"job_id": "0" * 32, "fingerprint": fingerprint}),
                           ex=3600)
         busy = submit(client, small_cat, idempotency_key="in-flight")
         assert busy.status_code == 409 and busy.json()["error"]["code"] == "request_in_progress"

@@ -16,7 +16,7 @@ import httpx
 from PIL import Image
 
 from tests.conftest import CAT_CLASSES, start_api
-from tests.queue_support import WEBHOOK_SECRET, WebhookReceiver, png_of, wait_for
+from tests.queue_support import WEBHOOK_ALLOW_NETWORKS, WEBHOOK_SECRET, WebhookReceiver, png_of, wait_for
 from workers.webhooks import signing_key, verify
 
 
@@ -32,6 +32,7 @@ def test_serve_runs_redis_worker_and_api_and_ctrl_c_stops_all(artifacts: Path, c
     log = artifacts / "serve.log"
     receiver = WebhookReceiver()
     process, url = start_api({"UNBOX_REDIS_URL": "", "UNBOX_TORCH_THREADS": "1", "UNBOX_WEBHOOK_SECRET": WEBHOOK_SECRET,
+                              "UNBOX_WEBHOOK_ALLOW_NETWORKS": WEBHOOK_ALLOW_NETWORKS,
                               "UNBOX_JOB_METHOD_MODULES": "tests.queue_support"}, log, command="serve")
     try:
         banner = re.search(r"Unbox on (http://\S+) .*Redis embedded at redis://127\.0\.0\.1:(\d+)/0; "

@@ -86,3 +86,60 @@ def test_a_worker_with_a_configuration_error_exits_2() -> None:
     assert "UNBOX_MODELS names 'no_such_model'" in done.stderr
     missing = run_cli("worker", env={"UNBOX_REDIS_URL": ""})
     assert missing.returncode == 2 and "UNBOX_REDIS_URL is not set" in missing.stderr
+
+
+def test_version_is_the_package_version() -> None:
+    from importlib.metadata import version
+
+    done = run_cli("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"unbox {version('unbox')}"
+
+
+@pytest.mark.parametrize("command", ["api", "serve"])
+def test_listen_options_are_checked(command: str) -> None:
+    done = run_cli(command, "--port", "70000")
+    assert done.returncode == 2 and "--port" in done.stderr and "65535" in done.stderr
+
+
+def test_serve_listens_where_told_logs_json_and_never_prints_the_redis_password(tmp_path) -> None:
+    """``--host`` / ``--port`` win over UNBOX_HOST / UNBOX_PORT; with UNBOX_LOG_FORMAT=json the API's
+    (its ``unbox`` loggers have a handler), uvicorn's and the worker's lines are JSON, request ids
+    included; the embedded Redis is announced without its password, which no output shows. No
+    model is loaded (UNBOX_MODELS empty), to keep it quick."""
+    import json
+    import re
+    import signal
+    import time
+
+    import httpx
+
+    from tests.conftest import free_port, wait_until_ready
+
+    port = free_port()
+    env = {**os.environ, "UNBOX_HOST": "localhost", "UNBOX_PORT": str(free_port()), "UNBOX_LOG_FORMAT": "json",
+           "UNBOX_LOG_LEVEL": "info", "UNBOX_MODELS": "", "UNBOX_TORCH_THREADS": "1", "UNBOX_REDIS_URL": ""}
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port",
+                                    str(port)], cwd=REPO, env=env, stdout=stdout, stderr=stderr)
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}", process)
+        deadline = time.monotonic() + 120
+        while httpx.get(f"http://127.0.0.1:{port}/readyz").json()["queue"].get("workers", {}).get("alive", 0) < 1:
+            assert time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.2)
+        answer = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"X-Request-ID": "cli-check-1"})
+        assert answer.headers["x-request-id"] == "cli-check-1"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    printed, logged = out.read_text(), err.read_text()
+    assert f"Unbox on http://127.0.0.1:{port} " in printed
+    assert re.search(r"Redis embedded at redis://127\.0\.0\.1:\d+/0;", printed), printed
+    assert not re.search(r"redis://[^\s/]*:(?!\*\*\*@)[^\s@]+@", printed + logged), "a Redis password was shown"
+    lines = [json.loads(line) for line in logged.splitlines() if line.startswith("{")]
+    assert not any(line["level"] == "ERROR" for line in lines), logged
+    assert any(line["logger"].startswith("uvicorn") and f"127.0.0.1:{port}" in line["message"] for line in lines)
+    assert any(line["logger"] == "unbox.worker" and "taking jobs" in line["message"] for line in lines), logged
+    request = [line for line in lines if line.get("request_id") == "cli-check-1"]
+    assert request and request[0]["route"] == "/v1/models" and request[0]["status"] == 200, request

@@ -55,6 +55,7 @@ WORKERS = f"{KEY_PREFIX}:workers"
 WORKER_BEATS = f"{KEY_PREFIX}:workers:beats"
 REAPER_PASS = f"{KEY_PREFIX}:reaper:pass"
 REAPER_WATCH = f"{KEY_PREFIX}:reaper:watch"
+ANONYMOUS = "anonymous"  # the owner of every job while API keys are off
 ENDED = f"{KEY_PREFIX}:jobs:ended"  # jobs whose end is yet to be announced (webhooks); drained by workers
 WORKER_FORGET_S = 600  # a worker silent this long is dropped from the list
 WORKER_LOST_MESSAGE = ("the worker running this job stopped unexpectedly (killed, frozen or out of memory), "
@@ -71,6 +72,22 @@ def queue_key(name: str) -> str:
 
 def wake_key(name: str) -> str:
     return f"{KEY_PREFIX}:wake:{name}"
+
+
+def owner_jobs_key(owner: str) -> str:
+    """The owner's jobs, scored by their submission sequence (newest highest)."""
+    return f"{KEY_PREFIX}:owner:{owner}:jobs"
+
+
+def active_key(submitter: str) -> str:
+    """A submitter's queued and running jobs (its quota: a key, or a client address with keys
+    off); kept in step by the scripts that queue and end jobs."""
+    return f"{KEY_PREFIX}:active:{submitter}"
+
+
+def owner_of(fields: dict[str, str]) -> str:
+    """Who submitted a job: an API key's id, or ``anonymous`` (jobs from before keys count as that)."""
+    return fields.get("owner") or ANONYMOUS
 
 
 def connect(url: str, timeout_s: float) -> redis.Redis:
@@ -92,19 +109,56 @@ local function clock()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 local function jobkey(id) return 'unbox:job:' .. id end
+local DURATION_BUCKETS = {1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600}
+-- Bookkeeping of a job that just ended (in the script that ended it): off its submitter's
+-- active set (the quota), onto the list of ends to announce, and into the outcome and duration statistics.
+local function record_end(key, id, status, now)
+  local f = redis.call('HMGET', key, 'quota', 'payload', 'started_at')
+  if f[1] then redis.call('SREM', f[1], id) end
+  redis.call('SADD', 'unbox:jobs:ended', id)
+  local ok, payload = pcall(cjson.decode, f[2] or '{}')
+  local method = 'unknown'
+  if ok and type(payload) == 'table' and type(payload.method) == 'string' then method = payload.method end
+  redis.call('HINCRBY', 'unbox:stats:jobs', method .. '\t' .. status, 1)
+  if f[3] and f[3] ~= '' then
+    local seconds = math.max(now - tonumber(f[3]), 0)
+    local le = '+Inf'
+    for _, bound in ipairs(DURATION_BUCKETS) do
+      if seconds <= bound then le = tostring(bound) break end
+    end
+    redis.call('HINCRBY', 'unbox:stats:job_seconds', method .. '\t' .. le, 1)
+    redis.call('HINCRBYFLOAT', 'unbox:stats:job_seconds', method .. '\tsum', seconds)
+    redis.call('HINCRBY', 'unbox:stats:job_seconds', method .. '\tcount', 1)
+  end
+end
 """
 
-# KEYS: job, queue, image, wake. ARGV: id, queue name, payload, timeout, max losses, pending ttl,
-# image bytes, max queue length, result ttl.
+# KEYS: job, queue, image, wake, owner's jobs (sorted by sequence), submitter's active set.
+# ARGV: id, queue name, payload, timeout, max losses, pending ttl, image bytes, max queue length,
+# result ttl, owner, submitter's most active jobs (0: no limit), index ttl.
 _ENQUEUE = _CLOCK + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
 if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[8]) then return 'full' end
+local quota = tonumber(ARGV[11])
+if quota > 0 and redis.call('SCARD', KEYS[6]) >= quota then
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[6])) do  -- drop jobs that ended or expired
+    local status = redis.call('HGET', jobkey(id), 'status')
+    if status ~= 'queued' and status ~= 'running' then redis.call('SREM', KEYS[6], id) end
+  end
+  if redis.call('SCARD', KEYS[6]) >= quota then return 'quota' end
+end
 local created = tostring(clock())
+local sequence = redis.call('INCR', 'unbox:jobs:sequence')
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'queue', ARGV[2], 'payload', ARGV[3], 'status', 'queued',
   'attempts', 0, 'lost', 0, 'token', 0, 'progress', 0, 'stage', 'queued', 'created_at', created,
-  'timeout_s', ARGV[4], 'max_lost', ARGV[5], 'result_ttl', ARGV[9])
+  'timeout_s', ARGV[4], 'max_lost', ARGV[5], 'result_ttl', ARGV[9], 'owner', ARGV[10], 'sequence', sequence,
+  'quota', KEYS[6])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[6])
+redis.call('ZADD', KEYS[5], sequence, ARGV[1])
+redis.call('EXPIRE', KEYS[5], ARGV[12])
+redis.call('SADD', KEYS[6], ARGV[1])
+redis.call('EXPIRE', KEYS[6], ARGV[12])
 redis.call('LPUSH', KEYS[2], ARGV[1])
 redis.call('LPUSH', KEYS[4], '1')
 redis.call('LTRIM', KEYS[4], 0, 63)
@@ -159,16 +213,18 @@ _FINISH = _CLOCK + """
 local key = jobkey(ARGV[1])
 local f = redis.call('HMGET', key, 'status', 'token', 'result_ttl')
 if f[1] ~= 'running' or f[2] ~= ARGV[2] then return 0 end
-redis.call('HSET', key, 'status', ARGV[3], 'ended_at', tostring(clock()), 'progress', ARGV[4], 'stage', ARGV[5])
+local ttl = tonumber(f[3]) or 3600  -- a record Unbox did not write (refused by its worker) has none
+local now = clock()
+redis.call('HSET', key, 'status', ARGV[3], 'ended_at', tostring(now), 'progress', ARGV[4], 'stage', ARGV[5])
 if ARGV[6] ~= '' then redis.call('HSET', key, 'result', ARGV[6]) end
 if ARGV[7] ~= '' then redis.call('HSET', key, 'error', ARGV[7]) end
 for i = 8, #ARGV, 2 do
-  redis.call('SET', 'unbox:file:' .. ARGV[1] .. ':' .. ARGV[i], ARGV[i + 1], 'EX', f[3])
+  redis.call('SET', 'unbox:file:' .. ARGV[1] .. ':' .. ARGV[i], ARGV[i + 1], 'EX', ttl)
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('DEL', 'unbox:image:' .. ARGV[1], 'unbox:cancel:' .. ARGV[1])
-redis.call('EXPIRE', key, f[3])
-redis.call('SADD', 'unbox:jobs:ended', ARGV[1])
+redis.call('EXPIRE', key, ttl)
+record_end(key, ARGV[1], ARGV[3], now)
 return 1
 """
 
@@ -215,7 +271,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl)) do
       redis.call('HSET', key, 'status', 'failed', 'ended_at', tostring(now), 'stage', 'failed', 'error', ARGV[3])
       redis.call('DEL', 'unbox:image:' .. id, 'unbox:cancel:' .. id)
       redis.call('EXPIRE', key, f[5])
-      redis.call('SADD', 'unbox:jobs:ended', id)
+      record_end(key, id, 'failed', now)
       table.insert(out, {id, 'failed'})
     end
   end
@@ -223,17 +279,18 @@ end
 return out
 """
 
-# KEYS: job, image, cancel. ARGV: id, cancel ttl, canceled error JSON.
+# KEYS: job, image, cancel. ARGV: id, cancel ttl, canceled error JSON, the caller (owner).
 _CANCEL = _CLOCK + """
-local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'result_ttl')
-if not f[1] then return 'missing' end
+local f = redis.call('HMGET', KEYS[1], 'status', 'queue', 'result_ttl', 'owner')
+if not f[1] or (f[4] or 'anonymous') ~= ARGV[4] then return 'missing' end
 if f[1] == 'queued' then
+  local now = clock()
   redis.call('LREM', 'unbox:queue:' .. f[2], 0, ARGV[1])
-  redis.call('HSET', KEYS[1], 'status', 'canceled', 'ended_at', tostring(clock()), 'stage', 'canceled',
+  redis.call('HSET', KEYS[1], 'status', 'canceled', 'ended_at', tostring(now), 'stage', 'canceled',
     'error', ARGV[3])
   redis.call('DEL', KEYS[2])
   redis.call('EXPIRE', KEYS[1], f[3])
-  redis.call('SADD', 'unbox:jobs:ended', ARGV[1])
+  record_end(KEYS[1], ARGV[1], 'canceled', now)
   return 'canceled'
 end
 if f[1] == 'running' then
@@ -259,7 +316,7 @@ class Lease:
     job_id: str
     token: int
     attempt: int
-    payload: dict[str, Any]
+    payload: Any  # the stored JSON, decoded (``None`` when absent or not JSON); the worker validates it
     timeout_s: int
     lost: bool = field(default=False)
 
@@ -288,9 +345,28 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _decoded(payload: Any) -> Any:
+    """A job's stored payload as JSON data, ``None`` when it is missing or is not JSON (never unpickled)."""
+    if payload is None:
+        return None
+    try:
+        return json.loads(_text(payload))
+    except ValueError:  # also a UnicodeDecodeError
+        return None
+
+
+def _seconds(value: Any, default: int = 60) -> int:
+    """A stored timeout, ``default`` when missing or not a positive integer."""
+    try:
+        return max(int(_text(value)), 1) if value is not None else default
+    except ValueError:
+        return default
+
+
 def job_view(fields: dict[str, str], position: int | None = None, *, with_result: bool = True) -> dict[str, Any]:
     """The public JSON of a job (``GET /v1/jobs/{id}``) from its stored fields."""
-    payload = json.loads(fields.get("payload") or "{}")
+    payload = _decoded(fields.get("payload"))
+    payload = payload if isinstance(payload, dict) else {}  # a record Unbox did not write shows no request
     status = fields.get("status", "queued")
     view: dict[str, Any] = {
         "id": fields.get("id"),
@@ -309,6 +385,8 @@ def job_view(fields: dict[str, str], position: int | None = None, *, with_result
         view["queue_position"] = position
     if status == "succeeded" and with_result:
         view["result"] = json.loads(fields.get("result") or "null")
+        if isinstance(view["result"], dict):  # the OpenAPI result union is told apart by method
+            view["result"].setdefault("method", view["method"])
     if fields.get("error") and status in ("failed", "canceled"):
         view["error"] = json.loads(fields["error"])
     return view
@@ -336,12 +414,17 @@ class JobStore:
 
     # --- the API's side ---
     def enqueue(self, job_id: str, payload: dict[str, Any], image: bytes, *, timeout_s: int, pending_ttl_s: int,
-                result_ttl_s: int, max_queue: int) -> dict[str, Any] | str:
-        """Queue a job with its stored image: the job's view as queued, else ``full`` or ``exists``."""
+                result_ttl_s: int, max_queue: int, owner: str = ANONYMOUS, submitter: str | None = None,
+                max_active: int = 0) -> dict[str, Any] | str:
+        """Queue a job of ``owner`` with its stored image: the job's view as queued, else ``full``
+        (the queue), ``quota`` (``submitter``, by default the owner, has ``max_active`` jobs
+        queued or running) or ``exists``."""
+        index_ttl = int(pending_ttl_s) + int(result_ttl_s) + int(timeout_s)
         answer = self._scripts["enqueue"](
-            keys=[job_key(job_id), queue_key(self.queue_name), image_key(job_id), wake_key(self.queue_name)],
+            keys=[job_key(job_id), queue_key(self.queue_name), image_key(job_id), wake_key(self.queue_name),
+                  owner_jobs_key(owner), active_key(submitter or owner)],
             args=[job_id, self.queue_name, _json(payload), int(timeout_s), self.max_losses, int(pending_ttl_s),
-                  image, int(max_queue), int(result_ttl_s)])
+                  image, int(max_queue), int(result_ttl_s), owner, int(max_active), index_ttl])
         if not isinstance(answer, list):
             return _text(answer)
         return job_view({"id": job_id, "status": "queued", "payload": _json(payload), "created_at": _text(answer[1])},
@@ -377,13 +460,49 @@ class JobStore:
         seconds, micros = self.redis.time()
         return seconds + micros / 1e6 - float(fields.get("beat") or 0) > self.ttl_s
 
-    def cancel(self, job_id: str, cancel_ttl_s: int) -> str:
+    def cancel(self, job_id: str, cancel_ttl_s: int, owner: str = ANONYMOUS) -> str:
         """``canceled`` (it was queued), ``requested`` (running: it stops at its next report),
-        ``missing``, or the terminal status it already has."""
+        ``missing`` (also when it is not ``owner``'s), or the terminal status it already has."""
         error = _json({"code": "canceled", "message": "the job was canceled before it started"})
         answer = self._scripts["cancel"](keys=[job_key(job_id), image_key(job_id), cancel_key(job_id)],
-                                         args=[job_id, int(cancel_ttl_s), error])
+                                         args=[job_id, int(cancel_ttl_s), error, owner])
         return _text(answer)
+
+    def owned(self, owner: str, limit: int, before: int | None = None) -> tuple[list[dict[str, Any]], int | None]:
+        """``owner``'s jobs, newest first, without results: up to ``limit`` of those submitted
+        before sequence number ``before``, and the cursor of the next page (``None`` at the end).
+        Jobs that expired are dropped from the owner's index on the way."""
+        key = owner_jobs_key(owner)
+        upper = f"({before}" if before is not None else "+inf"
+        views: list[dict[str, Any]] = []
+        last = 0
+        while True:
+            wanted = limit + 1 - len(views)  # one beyond the page tells whether another follows
+            rows = self.redis.zrevrangebyscore(key, upper, "-inf", start=0, num=wanted, withscores=True)
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, _ in rows:
+                    pipe.hgetall(job_key(_text(job_id)))
+                records = pipe.execute() if rows else []
+            expired = []
+            for (job_id, score), raw in zip(rows, records):
+                upper = f"({int(score)}"
+                fields = {_text(k): _text(v) for k, v in raw.items()}
+                if not fields:
+                    expired.append(job_id)
+                elif len(views) == limit:
+                    break
+                else:
+                    views.append(job_view(fields, with_result=False))
+                    last = int(score)
+            else:
+                if expired:
+                    self.redis.zrem(key, *expired)
+                if len(rows) < wanted:
+                    return views, None
+                continue
+            if expired:
+                self.redis.zrem(key, *expired)
+            return views, last
 
     def queue_length(self) -> int:
         return int(self.redis.llen(queue_key(self.queue_name)))
@@ -397,7 +516,8 @@ class JobStore:
         if not answer:
             return None
         job_id, token, attempt, payload, timeout = answer
-        return Lease(_text(job_id), int(token), int(attempt), json.loads(_text(payload)), int(_text(timeout)))
+        # A record Unbox did not write (no payload, not JSON) still gives a lease: the worker refuses it.
+        return Lease(_text(job_id), int(token), int(attempt), _decoded(payload), _seconds(timeout))
 
     def wait_for_work(self, timeout_s: float, queues: list[str] | None = None) -> None:
         """Block until a submission wakes this worker or ``timeout_s`` passes."""

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 KEY_PREFIX = "unbox"
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"  # an X-Request-ID the API accepts (else it makes one)
 
 
 class JobPayload(BaseModel):
@@ -26,6 +27,8 @@ class JobPayload(BaseModel):
     target: int | None = Field(None, ge=0)
     params: dict[str, Any] = Field(default_factory=dict)
     callback_url: str | None = None
+    request_id: str | None = Field(None, pattern=REQUEST_ID_PATTERN,
+                                   description="the submitting request's X-Request-ID, carried into the worker's logs")
 
 
 def image_key(job_id: str) -> str:
@@ -36,5 +39,7 @@ def cancel_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:cancel:{job_id}"
 
 
-def idempotency_key(key: str) -> str:
-    return f"{KEY_PREFIX}:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
+def idempotency_key(owner: str, key: str) -> str:
+    """Where an Idempotency-Key's record lives: per owner, so two tenants' keys never meet."""
+    digest = hashlib.sha256(owner.encode() + b"\0" + key.encode()).hexdigest()
+    return f"{KEY_PREFIX}:idempotency:{digest}"

@@ -5,10 +5,19 @@ with one command and no system Redis. Data lives in a temporary directory that o
 crash of the server (an append-only file, fsynced every second, so a restarted server has its
 jobs back) and is removed on a clean stop. ``maxmemory`` with ``noeviction`` bounds it: a full
 server refuses writes (the API answers 503 ``storage_full``) instead of dropping jobs.
+
+Trust: it listens on loopback only and requires a random password, made once per
+:class:`EmbeddedRedis` (so a restart keeps it) and written to a ``0600`` config file in the
+data directory rather than onto the command line (where ``ps`` would show it). ``url`` carries
+the password for the API and the workers; ``display_url`` is what may be printed. ``DEBUG``,
+``MODULE`` (loading native code) and ``SLAVEOF`` / ``REPLICAOF`` (handing the data to another
+server) are disabled; ``CONFIG`` stays, since the tests set ``maxmemory`` at run time.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -19,6 +28,8 @@ from pathlib import Path
 import redis
 
 from workers.processes import terminate
+
+DISABLED_COMMANDS = ("DEBUG", "MODULE", "SLAVEOF", "REPLICAOF")
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -47,28 +58,49 @@ class EmbeddedRedis:
     """One ``redis-server`` child process on ``host:port`` with its data in a temp directory."""
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1", max_memory_mb: int = 1024) -> None:
+        if host not in ("127.0.0.1", "::1"):
+            raise EmbeddedRedisError(f"the embedded Redis listens on loopback only, not {host!r}")
         self.host = host
         self.port = port or free_port(host)
         self.max_memory_mb = max_memory_mb
+        self.password = secrets.token_urlsafe(32)
         self.process: subprocess.Popen | None = None
         self._dir: Path | None = None
 
     @property
     def url(self) -> str:
+        """The URL clients connect with, password included: pass it on, never print it."""
+        return f"redis://:{self.password}@{self.host}:{self.port}/0"
+
+    @property
+    def display_url(self) -> str:
+        """The URL without its password, for consoles and logs."""
         return f"redis://{self.host}:{self.port}/0"
+
+    def _write_config(self, folder: Path) -> Path:
+        """The settings that must not appear on the command line, in a file only this user reads."""
+        path = folder / "redis.conf"
+        lines = [f"requirepass {self.password}"] + [f'rename-command {name} ""' for name in DISABLED_COMMANDS]
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+        return path
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
         """Start the server (again, on the same port, after :meth:`stop`) and wait until it answers."""
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="unbox-redis-"))
-        command = [str(redis_server_binary()), "--port", str(self.port), "--bind", self.host,
+        config = self._write_config(self._dir)
+        command = [str(redis_server_binary()), str(config), "--port", str(self.port), "--bind", self.host,
+                   "--protected-mode", "yes",
                    "--dir", str(self._dir), "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
                    "--maxmemory", f"{self.max_memory_mb}mb", "--maxmemory-policy", "noeviction", "--daemonize", "no",
                    "--loglevel", "warning", "--logfile", str(self._dir / "redis.log")]
         # Its own session: a Ctrl-C in the terminal reaches `unbox serve`, which stops Redis last.
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True)
-        client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
+        client = redis.Redis(host=self.host, port=self.port, password=self.password, socket_connect_timeout=0.5,
+                             socket_timeout=0.5)
         deadline = time.monotonic() + timeout
         try:
             while True:

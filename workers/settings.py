@@ -6,6 +6,7 @@ The worker side needs these without importing the HTTP front end; the API's own 
 
 from __future__ import annotations
 
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -37,6 +38,8 @@ class CoreSettings(BaseSettings):
                                   "about 5 % off I-GOS++ on an H200, but the first request of every new "
                                   "batch shape pays seconds (SAG's first run on one photo took over 80 s)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="text lines, or one JSON object per line "
+                                                "(time, level, logger, message, request_id, job_id)")
 
     # --- Score-CAM and the GPU fast path (API and workers run the same explainers) ---
     scorecam_memory_mb: int = Field(512, ge=16, description="device memory one Score-CAM batch of masked "
@@ -89,10 +92,37 @@ class CoreSettings(BaseSettings):
                                       description="how often a worker renews its job's lease; silent for about 3 "
                                       "beats (on Redis's clock, never across a Redis stall) it is presumed dead and "
                                       "its job is retried once")
-    webhook_secret: SecretStr | None = Field(None, description="Standard Webhooks secret (whsec_<base64> or text)")
+    webhook_secret: SecretStr | None = Field(None, description="Standard Webhooks secret: whsec_ + base64 of "
+                                             "24 to 64 random bytes; unset: jobs with a callback_url get 422")
     webhook_max_attempts: int = Field(6, ge=1, le=20)
     webhook_backoff_s: float = Field(2.0, gt=0, description="first retry delay; doubles per attempt (cap 10 min)")
     webhook_timeout_s: float = Field(10.0, gt=0, le=120)
+    webhook_allow_networks: Annotated[list[IPv4Network | IPv6Network], NoDecode] = Field(
+        default_factory=list, description="networks callbacks may reach although not public (comma-separated "
+        "CIDRs, e.g. 10.20.0.0/16 for on-premise receivers); cloud metadata addresses stay refused")
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _check_webhook_secret(cls, value: object) -> object:
+        from workers.webhooks import GENERATE_SECRET, signing_key
+
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is None or (isinstance(text, str) and not text.strip()):
+            return None
+        if not isinstance(text, str):
+            raise ValueError("must be a string")
+        try:
+            signing_key(text.strip())
+        except ValueError as exc:
+            raise ValueError(f"{exc}; generate one with: {GENERATE_SECRET}") from None
+        return text.strip()
+
+    @field_validator("webhook_allow_networks", mode="before")
+    @classmethod
+    def _parse_allow_networks(cls, value: object) -> object:
+        from workers.callback_guard import parse_networks
+
+        return parse_networks(value) if isinstance(value, str) else value
 
     @field_validator("job_method_modules", mode="before")
     @classmethod
@@ -149,7 +179,8 @@ def readable_settings_error(exc: ValidationError) -> SettingsError:
     lines = []
     for err in exc.errors():
         field = ".".join(str(part) for part in err["loc"]) or "settings"
-        lines.append(f"  UNBOX_{field.upper()}: {err['msg']} (got {err.get('input')!r})")
+        shown = "(hidden)" if "secret" in field else repr(err.get("input"))  # never print a secret
+        lines.append(f"  UNBOX_{field.upper()}: {err['msg']} (got {shown})")
     return SettingsError("invalid settings:\n" + "\n".join(lines))
 
 

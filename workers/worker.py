@@ -8,6 +8,13 @@ during one, is waited out with backoff; the running job goes on, its outcome is 
 Redis is back (or refused, when its lease was lost meanwhile), and then it takes jobs again.
 SIGTERM / Ctrl-C finishes the current job, then exits; a second one stops at once and gives the
 job back to the queue. Webhooks go out from a separate thread.
+
+Only Unbox's own job functions ever run: a job whose payload is not a valid
+:class:`~workers.payload.JobPayload` (a record some other tool wrote into the queue, an RQ-style
+pickled call, a payload naming ``os.system``), or that names a method no module registered, is
+refused before anything of it is looked up: failed with ``invalid_payload``, logged at ERROR by
+job id (never its content), nothing imported or executed. While a job runs, its id and the id
+of the request that submitted it are in the logging context (``workers.logging_setup``).
 """
 
 from __future__ import annotations
@@ -24,14 +31,17 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, TypeVar
 
 import redis
+from pydantic import ValidationError
 
 from models.build import ModelBuildError
 from models.catalog import CatalogError, load_catalog
 from models.registry import ModelRegistry, UnknownModelError
 from workers.jobqueue import JobStore, Lease, Outcome, connect
 from workers.jobs import JobFailure, JobTimeout, LeaseLost, Reporter, outcome_of, run_method
-from workers.methods import load_builtin_methods
+from workers.logging_setup import configure_logging, job_id_var, request_id_var
+from workers.methods import get_method, load_builtin_methods
 from workers.payload import JobPayload, image_key
+from workers.redis_url import redact_url
 from workers.result_files import split_files
 from workers.runtime import WorkerRuntime, use_runtime
 from workers.settings import CoreSettings, SettingsError
@@ -166,7 +176,13 @@ class UnboxWorker:
             done = []
             try:
                 for job_id in job_ids:
-                    if schedule_job_end(self.store, job_id) and self.webhooks is not None:
+                    try:
+                        scheduled = schedule_job_end(self.store, job_id)
+                    except (ValueError, TypeError, AttributeError) as exc:  # a record Unbox did not write
+                        logger.error("job %s: its end cannot be announced, its record is not Unbox's (%s)",
+                                     job_id, type(exc).__name__)
+                        scheduled = False
+                    if scheduled and self.webhooks is not None:
                         self.webhooks.wake.set()
                     done.append(job_id)
             finally:
@@ -181,9 +197,28 @@ class UnboxWorker:
         except StoredImageError as exc:
             raise JobFailure("image_unreadable", f"the stored image cannot be decoded here: {exc}") from None
 
-    def _attempt(self, lease: Lease, report: Reporter) -> dict[str, Any]:
-        with time_limit(lease.timeout_s):
+    @staticmethod
+    def _admitted(lease: Lease) -> tuple[JobPayload | None, str]:
+        """The lease's payload as one of Unbox's own jobs, or ``None`` and why it is refused.
+        Nothing in a refused payload is imported, looked up or run."""
+        try:
             request = JobPayload.model_validate(lease.payload)
+        except ValidationError:
+            return None, "its payload is not an Unbox job payload"
+        try:
+            get_method(request.method)
+        except KeyError:
+            return None, "it names a job method this worker does not have"
+        return request, ""
+
+    def _refuse(self, lease: Lease, reason: str) -> None:
+        logger.error("job %s refused (attempt %d): %s; nothing of it runs", lease.job_id, lease.attempt, reason)
+        self._record(lease, Outcome("failed", error={"code": "invalid_payload", "message": (
+            f"this job was refused: {reason}; workers run only Unbox's own job methods")},
+            progress=0.0, stage="failed"))
+
+    def _attempt(self, lease: Lease, request: JobPayload, report: Reporter) -> dict[str, Any]:
+        with time_limit(lease.timeout_s):
             image = self._load_image(lease)
             return run_method(request, image, self.runtime, report)
 
@@ -217,11 +252,19 @@ class UnboxWorker:
     def run_one(self, lease: Lease) -> None:
         """Run one leased job and record its outcome (or nothing, when the lease was lost)."""
         self.lease = lease
-        logger.info("job %s taken (attempt %d, %s on %s)", lease.job_id, lease.attempt,
-                    lease.payload.get("method"), lease.payload.get("model"))
+        job_context = job_id_var.set(lease.job_id)
+        request_context = request_id_var.set(None)
         report = Reporter(self.store, lease)
         try:
-            outcome = outcome_of(lambda: self._attempt(lease, report), report, lease.timeout_s)
+            request, refusal = self._admitted(lease)
+            if request is None:
+                self._refuse(lease, refusal)
+                self.jobs_done += 1
+                return
+            request_id_var.set(request.request_id)
+            logger.info("job %s taken (attempt %d, %s on %s)", lease.job_id, lease.attempt, request.method,
+                        request.model)
+            outcome = outcome_of(lambda: self._attempt(lease, request, report), report, lease.timeout_s)
             self._record(lease, self._sized(lease, outcome))
             self.jobs_done += 1
         except LeaseLost:
@@ -235,6 +278,8 @@ class UnboxWorker:
             raise
         finally:
             self.lease = None
+            request_id_var.reset(request_context)
+            job_id_var.reset(job_context)
 
     def work(self, burst: bool = False) -> None:
         """Take jobs until stopped (or, with ``burst``, until the queue is empty)."""
@@ -271,7 +316,7 @@ def run_worker(settings: CoreSettings, burst: bool = False) -> int:
 
     Returns 2 on a fatal configuration error (a supervisor should not restart it in a loop), else 0.
     """
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     if not settings.redis_url:
         logger.error("UNBOX_REDIS_URL is not set: a worker needs the Redis that the API queues jobs in")
         return 2
@@ -299,14 +344,13 @@ def run_worker(settings: CoreSettings, burst: bool = False) -> int:
         logger.info("model %s warm on %s in %.1f s", name, registry.device, time.perf_counter() - started)
     connection = connect(settings.redis_url, settings.redis_timeout_s)
     store = JobStore(connection, settings.queue_name, settings.worker_heartbeat_s)
-    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
-    sender = WebhookSender(connect(settings.redis_url, settings.redis_timeout_s), secret,
-                           settings.webhook_max_attempts, settings.webhook_backoff_s, settings.webhook_timeout_s)
+    sender = WebhookSender.from_settings(connect(settings.redis_url, settings.redis_timeout_s), settings)
     worker = UnboxWorker(settings, WorkerRuntime(settings, registry), store,
                          f"unbox-{socket.gethostname()}-{os.getpid()}", sender)
     worker.install_signal_handlers()
     sender.start()
-    logger.info("worker %s taking jobs from queue %r", worker.name, settings.queue_name)
+    logger.info("worker %s taking jobs from queue %r at %s", worker.name, settings.queue_name,
+                redact_url(settings.redis_url))
     try:
         with use_runtime(worker.runtime):
             worker.work(burst=burst)

@@ -1,7 +1,7 @@
 // Queued explanations (I-GOS, I-GOS++, SAG): one card per method that submits a job, polls
 // GET /v1/jobs/{id} for live progress, cancels with DELETE and draws the result.
 
-import { ApiError, cancelJob, getJob, jobPictureUrl, submitJob } from "./api.js";
+import { ApiError, cancelJob, getBlob, getJob, heldKey, jobPictureUrl, submitJob } from "./api.js";
 import {
   UrlBag, base64ToBlob, downloadLink, el, jsonBlob, percent, pngDataUrl, role, seconds, show, showError, stem,
 } from "./dom.js";
@@ -316,12 +316,33 @@ export class JobCard {
     const links = [downloadLink(this.urls.add(jsonBlob(job)), `${name}.json`, "Result JSON")];
     if (this.spec.kind === "mask") parts.push(...this.maskParts(result, caption, name, links));
     else parts.push(...this.graphParts(result, caption, name, links));
-    links.push(downloadLink(jobPictureUrl(job), `${name}.png`, "Result picture"));
+    links.push(this.pictureLink(job, name));
     const timing = result.timing_ms?.total ?? result.timing_ms?.explain;
     if (typeof timing === "number") parts.push(el("p", { class: "hint" }, `Computed in ${seconds(timing)} on the worker.`));
     this.result.replaceChildren(...parts);
     this.downloads.replaceChildren(...links);
     show(this.result, true);
+  }
+
+  /** The "Result picture" link. A plain link cannot send the API key, so with a key held the
+   * picture is fetched with it and the link points at an object URL once it has arrived. */
+  pictureLink(job, name) {
+    const url = jobPictureUrl(job);
+    const link = downloadLink(url, `${name}.png`, "Result picture");
+    if (!heldKey()) return link; // no key (auth off): the server answers the link itself
+    link.removeAttribute("href");
+    link.setAttribute("aria-disabled", "true");
+    link.dataset.state = "loading";
+    getBlob(url).then((blob) => {
+      if (!link.isConnected) return; // redrawn meanwhile: nothing to point at
+      link.href = this.urls.add(blob);
+      link.removeAttribute("aria-disabled");
+      link.dataset.state = "ready";
+    }).catch((error) => {
+      const why = error.readable ?? String(error);
+      if (link.isConnected) link.replaceWith(el("span", { class: "hint" }, `No result picture: ${why}`));
+    });
+    return link;
   }
 
   maskParts(result, caption, name, links) {

@@ -2,6 +2,7 @@
 // Score-CAM panels and the job cards. Every number shown comes from the public API.
 
 import { ApiError, explain, getJobMethods, getModels, getReady, predict } from "./api.js";
+import { mountKeyForm } from "./auth.js";
 import {
   UrlBag, base64ToBlob, downloadLink, el, jsonBlob, percent, pngDataUrl, role, seconds, show, showError, stem,
 } from "./dom.js";
@@ -387,6 +388,7 @@ function sleep(ms) {
   return new Promise((resolve) => window.setTimeout(resolve, ms));
 }
 
+mountKeyForm(); // first: the calls below may answer 401 and need its prompt
 wireIntake();
 wireOpacity();
 wirePanelOptions();
