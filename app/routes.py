@@ -124,6 +124,8 @@ async def readyz(request: Request) -> JSONResponse:
             states[name] = "loading"
     ready = all(state == "loaded" for state in states.values())
     queue = await request.app.state.jobs.health()
+    if "workers" in queue:  # an open probe: counts, not the workers' hosts and jobs (GET /v1/workers)
+        queue["workers"] = {key: queue["workers"][key] for key in ("alive", "busy")}
     no_workers = queue.get("queued", 0) > 0 and queue.get("workers", {}).get("alive", 1) == 0
     degraded = queue["status"] == "unreachable" or no_workers
     status = "not_ready" if not ready else "degraded" if degraded else "ready"

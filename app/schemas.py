@@ -93,9 +93,10 @@ class WorkerOut(BaseModel):
 
 
 class WorkersSummary(BaseModel):
+    """Counts only: the unauthenticated probe names no host, process or job (GET /v1/workers does)."""
+
     alive: int
     busy: int
-    list_: list[WorkerOut] = Field(alias="list")
 
 
 class QueueHealthOut(BaseModel):

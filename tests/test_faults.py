@@ -210,7 +210,9 @@ def test_readyz_and_workers_show_liveness(stack: Stack, tiny_image: bytes) -> No
 
         entry = poll(busy_entry, timeout=10)
         assert entry["alive"] and entry["job"] == job_id and entry["models"] == ["tiny"]
-        assert client.get("/readyz").json()["status"] == "ready"
+        ready = client.get("/readyz").json()
+        assert ready["status"] == "ready" and ready["queue"]["workers"] == {"alive": 1, "busy": 1}
+        assert job_id not in json.dumps(ready) and str(worker.pid) not in json.dumps(ready)  # an open probe
         worker.send_signal(signal.SIGKILL)
         worker.wait()
         poll(lambda: worker.pid not in worker_pids(stack.redis_server.url))
