@@ -10,6 +10,7 @@ import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import numpy as np
@@ -28,7 +29,24 @@ NARROW = 390  # CSS pixels: a phone held upright
 QUICK_IGOS = '{"preset": "cpu", "mask_size": 7, "iterations": 1, "steps": 1, "max_trials": 2, "metric_steps": 5}'
 STATIC = Path(__file__).resolve().parents[1] / "app" / "static"
 
-sync_api = pytest.importorskip("playwright.sync_api")
+
+def in_ci() -> bool:
+    """On CI (``CI=true``, as CI services set it and as CI runs ``CI=true bash .ci/run``)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def browser_missing(reason: str, module: bool = False) -> NoReturn:
+    """Skip the browser tests when Playwright or Chromium is missing; on CI that is a failure
+    (.ci/run installs Chromium), so that the browser tests cannot vanish quietly."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: the browser tests must run, see .ci/run)", pytrace=False)
+    pytest.skip(reason, allow_module_level=module)
+
+
+try:
+    from playwright import sync_api
+except ImportError as exc:
+    browser_missing(f"Playwright is not importable ({exc}): pip install -e '.[dev]'", module=True)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +62,7 @@ def server(artifacts: Path) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: install it with `apt-get install -y chromium` (see .ci/run)")
+        browser_missing(f"no Chromium at {CHROMIUM}: install it with `apt-get install -y chromium` (see .ci/run)")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield browser

@@ -25,9 +25,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO, start_api, stop
+# importing test_dashboard skips this module without Playwright, and fails it under CI=true
 from tests.test_dashboard import TIMEOUT_MS, browser, wait_for_overlay  # noqa: F401 (the browser fixture)
-
-sync_api = pytest.importorskip("playwright.sync_api")
 
 KEY_ITEM = "unbox.apiKey"  # the sessionStorage item api.js keeps the key in
 
