@@ -12,16 +12,16 @@ gets 403. The dependency also declares the bearer scheme in OpenAPI.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api_keys import SCOPES, ApiKey, KeyRing
-from app.errors import ApiError
+from app.errors import ApiError, error_response
 from app.settings import Settings
 from workers.jobqueue import ANONYMOUS
 
@@ -94,25 +94,19 @@ class AuthMiddleware:
             token = bearer_token(scope)
             key = self.keyring.lookup(token) if token else None
             if key is None:
-                await _refuse(send, token is not None)
+                await _refusal(token is not None)(scope, receive, send)
                 return
             state["principal"] = principal_of_key(key, self.settings)
         await self.app(scope, receive, send)
 
 
-async def _refuse(send: Send, had_token: bool) -> None:
+def _refusal(had_token: bool) -> JSONResponse:
     """A 401 in the error envelope, with the challenge RFC 6750 asks for."""
     if had_token:
-        challenge = REALM + ', error="invalid_token"'
-        message = "the API key is invalid or revoked"
-    else:
-        challenge = REALM
-        message = "this server needs an API key: send Authorization: Bearer KEY"
-    body = json.dumps({"error": {"code": "unauthorized", "message": message}}).encode()
-    await send({"type": "http.response.start", "status": 401,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"www-authenticate", challenge.encode())]})
-    await send({"type": "http.response.body", "body": body})
+        return error_response(401, "unauthorized", "the API key is invalid or revoked",
+                              {"WWW-Authenticate": REALM + ', error="invalid_token"'})
+    return error_response(401, "unauthorized", "this server needs an API key: send Authorization: Bearer KEY",
+                          {"WWW-Authenticate": REALM})
 
 
 _bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",

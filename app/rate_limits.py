@@ -15,7 +15,6 @@ Answers carry the IETF ``RateLimit-Policy`` / ``RateLimit`` headers
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import threading
@@ -27,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.async_redis import LazyAsyncRedis
 from app.auth import Principal
+from app.errors import error_response
 from workers.payload import KEY_PREFIX
 
 logger = logging.getLogger("unbox.rate_limits")
@@ -62,12 +62,12 @@ class Decision:
     retry_after_s: float
     reset_s: float
 
-    def headers(self) -> list[tuple[bytes, bytes]]:
+    def headers(self) -> dict[str, str]:
         """``RateLimit-Policy`` and ``RateLimit`` (and ``Retry-After`` when refused)."""
-        headers = [(b"ratelimit-policy", f'"{POLICY}";q={self.limit};w={int(WINDOW_S)}'.encode()),
-                   (b"ratelimit", f'"{POLICY}";r={self.remaining};t={math.ceil(self.reset_s)}'.encode())]
+        headers = {"RateLimit-Policy": f'"{POLICY}";q={self.limit};w={int(WINDOW_S)}',
+                   "RateLimit": f'"{POLICY}";r={self.remaining};t={math.ceil(self.reset_s)}'}
         if not self.allowed:
-            headers.append((b"retry-after", str(max(1, math.ceil(self.retry_after_s))).encode()))
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
         return headers
 
 
@@ -142,18 +142,15 @@ class RateLimitMiddleware:
             return
         decision = await self.limiter.decide(principal.client, principal.rate_limit_per_minute)
         if not decision.allowed:
-            body = json.dumps({"error": {"code": "rate_limited", "message": (
-                f"more than {decision.limit} requests per minute; retry in "
-                f"{max(1, math.ceil(decision.retry_after_s))} s")}}).encode()
-            await send({"type": "http.response.start", "status": 429,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()), *decision.headers()]})
-            await send({"type": "http.response.body", "body": body})
+            message = (f"more than {decision.limit} requests per minute; retry in "
+                       f"{max(1, math.ceil(decision.retry_after_s))} s")
+            await error_response(429, "rate_limited", message, decision.headers())(scope, receive, send)
             return
+        extra = [(name.lower().encode(), value.encode()) for name, value in decision.headers().items()]
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), *decision.headers()]}
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
         await self.app(scope, receive, with_headers)
