@@ -129,7 +129,9 @@ def _explain(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     try:
         image = decode_image(data, settings.max_image_pixels).image
-        registry = ModelRegistry(load_catalog(settings.catalog), settings.resolved_device())
+        # one explanation: nothing to gain from warming variants it may not use
+        policy = settings.execution_policy().with_changes(warmup=False)
+        registry = ModelRegistry(load_catalog(settings.catalog), settings.resolved_device(), policy)
         model = registry.get(args.model)
         result = explain_image(model, image, args.method, args.target, args.layer, args.top_k,
                                settings.overlay_max_side)

@@ -9,6 +9,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.errors import UnboxError
+from core.validation import describe_validation_errors
+
 logger = logging.getLogger("unbox.errors")
 
 _STATUS_CODES = {
@@ -22,14 +25,12 @@ _STATUS_CODES = {
 }
 
 
-class ApiError(Exception):
+class ApiError(UnboxError):
     """An error answered to the client as JSON with ``status``."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
+        super().__init__(code, message)
         self.status = status
-        self.code = code
-        self.message = message
         self.headers = headers or {}
 
 
@@ -52,11 +53,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors():
-            location = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "form"))
-            parts.append(f"{location or 'request'}: {err.get('msg')}")
-        return error_response(422, "invalid_parameter", "; ".join(parts) or "invalid request")
+        return error_response(422, "invalid_parameter", describe_validation_errors(exc.errors()))
 
     @app.exception_handler(Exception)
     async def _crash(_request: Request, exc: Exception) -> JSONResponse:

@@ -32,6 +32,7 @@ from app.schemas import (CALLBACK_URL, CLASS_INDEX, FILE_NAME as FILE_NAME_SCHEM
                          JSON_OBJECT_TEXT, MODEL_NAME, RETRY_AFTER, WorkersResponse, error_responses, header)
 from app.service import InferenceService
 from app.settings import Settings
+from core.validation import describe_validation_errors
 from models.catalog import DEFAULT_MODEL
 from models.labels import load_labels
 from app.json_input import parse_json_object
@@ -118,9 +119,8 @@ class JobsClient:
             # Only the fields the client set travel: presets (igos's preset="cpu") fill the rest.
             return method.params.model_validate(raw).model_dump(mode="json", exclude_unset=True)
         except ValidationError as exc:
-            details = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}"
-                                for err in exc.errors())
-            raise ApiError(422, "invalid_params", f"invalid params for {method.name}: {details}") from None
+            details = describe_validation_errors(exc.errors(), "params")
+            raise ApiError(422, "invalid_parameter", f"invalid params for {method.name}: {details}") from None
 
     def _num_classes(self, model: str) -> int:
         registry = self.service.registry

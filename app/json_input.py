@@ -54,11 +54,11 @@ def _refuse_constant(name: str) -> Any:
 
 
 def _invalid(field: str, reason: str) -> ApiError:
-    return ApiError(422, "invalid_params", f"{field} {reason}")
+    return ApiError(422, "invalid_parameter", f"{field} {reason}")
 
 
 def parse_json_object(text: str | None, *, field: str, max_bytes: int, max_depth: int) -> dict[str, Any]:
-    """The JSON object in ``text`` (``{}`` when it is missing or blank), or a 422 ``invalid_params``
+    """The JSON object in ``text`` (``{}`` when it is missing or blank), or a 422 ``invalid_parameter``
     naming ``field`` and the limit it broke: too many bytes, too deep, not JSON, not an object."""
     if text is None or not text.strip():
         return {}

@@ -31,7 +31,6 @@ from app.service import InferenceService
 from app.settings import Settings, SettingsError, load_settings
 from models.catalog import CatalogError, load_catalog
 from models.registry import ModelRegistry
-from workers.warmup import warm_fast_paths, warm_onnx_runtime
 
 logger = logging.getLogger("unbox")
 MULTIPART_SLACK_BYTES = 64 * 1024  # form fields and part headers around the image
@@ -42,17 +41,13 @@ CORS_RESPONSE_HEADERS = ["Location", "Retry-After", "RateLimit", "RateLimit-Poli
                          "Idempotent-Replayed", "X-Unbox-Target", "X-Unbox-Label", "WWW-Authenticate"]
 
 
-def _load_startup_models(registry: ModelRegistry, names: list[str], settings: Settings | None = None,
-                         warming: set[str] | None = None) -> None:
-    """Load (and, with ``settings``, warm) each start-up model, removing it from ``warming``
+def _load_startup_models(registry: ModelRegistry, names: list[str], warming: set[str] | None = None) -> None:
+    """Load each start-up model (its execution warms as it loads), removing it from ``warming``
     when done, so that readiness waits for the warm-up as well as the load."""
     for name in names:
         try:
-            model = registry.get(name)
+            registry.get(name)
             logger.info("model %s loaded", name)
-            if settings is not None:
-                warm_fast_paths(model, settings)
-                warm_onnx_runtime(model, settings, sag=False)
         except Exception as exc:  # reported by /readyz and /v1/models
             logger.error("model %s failed to load: %s", name, exc)
         finally:
@@ -72,13 +67,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         raise SettingsError(f"UNBOX_MODELS names unknown models {unknown}; known: {sorted(specs)}")
     keyring = _keyring(settings)
     settings.apply_to_torch()
-    registry = ModelRegistry(specs, settings.resolved_device())
+    registry = ModelRegistry(specs, settings.resolved_device(), settings.execution_policy())
     metrics = Metrics(settings)  # with a Redis configured, the queue's numbers too (read at scrape time)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = threading.Thread(target=_load_startup_models,
-                                  args=(registry, settings.models, settings, app.state.service.warming),
+                                  args=(registry, settings.models, app.state.service.warming),
                                   name="unbox-model-loader", daemon=True)
         loader.start()
         yield

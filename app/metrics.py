@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from workers.jobqueue import WORKER_BEATS, heartbeat_ttl, queue_key, workers_from
 from workers.payload import KEY_PREFIX
-from workers.settings import CoreSettings
+from core.settings import CoreSettings
 
 logger = logging.getLogger("unbox.metrics")
 

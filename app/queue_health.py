@@ -14,7 +14,7 @@ import redis
 
 from app.async_redis import LazyAsyncRedis
 from workers.jobqueue import WORKER_BEATS, WORKERS, heartbeat_ttl, queue_key, workers_from
-from workers.settings import CoreSettings
+from core.settings import CoreSettings
 
 PROBE_TIMEOUT_S = 0.5
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from explainers.pipeline import SYNC_METHODS
+from explainers.registry import SYNCHRONOUS
 
 
 class ErrorBody(BaseModel):
@@ -127,7 +127,7 @@ class WorkersResponse(BaseModel):
 # app.openapi fills in from the server itself (its catalogue, job methods and settings).
 MODEL_NAME = {"x-unbox-fill": "models"}
 CLASS_INDEX = {"x-unbox-fill": "class_index", "minimum": 0}
-SYNC_METHOD_NAMES = {"enum": sorted(SYNC_METHODS)}
+SYNC_METHOD_NAMES = {"enum": list(SYNCHRONOUS)}
 SCORECAM_CHANNELS = {"x-unbox-fill": "scorecam_channels",
                      "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "const": "all"}]}
 LAYER_PATH = {"pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", "maxLength": 256}
@@ -160,7 +160,7 @@ ERROR_STATUSES: dict[int, tuple[str, dict[str, Any]]] = {
     413: ("too many bytes or pixels (payload_too_large, upload_too_large, too_many_pixels)", {}),
     415: ("not an image in a supported format (unsupported_format)", {}),
     422: ("invalid parameter (invalid_parameter, unknown_model, unknown_method, unknown_layer, invalid_target, "
-          "invalid_params, invalid_callback_url, too_costly, idempotency_key_reused ...)", {}),
+          "invalid_callback_url, too_costly, idempotency_key_reused ...)", {}),
     429: ("rate_limited (requests per minute) or quota_exceeded (jobs queued or running)",
           {**RETRY_AFTER, **RATE_LIMIT_HEADERS}),
     500: ("internal_error: a bug; see the server log", {}),

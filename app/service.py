@@ -20,7 +20,9 @@ from app.intake import DecodedImage, ImageRejected, decode_image
 from app.metrics import Metrics
 from app.settings import Settings
 from explainers.capture import LayerCapture, resolve_layer
+from explainers.cam import ScoreCAMConfig
 from explainers.errors import ExplainError
+from explainers.method import MethodConfig
 from explainers.metrics import MetricUnit
 from explainers.pipeline import ImageExplanation, explain_image, top_predictions
 from models.build import ModelBuildError
@@ -33,7 +35,6 @@ class InferenceService:
         self.registry = registry
         self.metrics = metrics
         self._slots = threading.BoundedSemaphore(settings.max_concurrent_inference)
-        self.fastpath = settings.fast_path()
         # start-up models whose load or fast-path warm-up (CUDA graphs, compiled runners) has
         # not finished: /readyz stays 503 until this is empty
         self.warming: set[str] = set(settings.models)
@@ -84,10 +85,10 @@ class InferenceService:
                           "total": round((finished - started) * 1e3, 2)},
         }
 
-    def method_options(self, method: str, channels: str | None, model: LoadedModel | None = None,
-                       layer: str | None = None) -> dict[str, Any]:
-        """The method's own parameters: Score-CAM's channel count (the request's, else the
-        settings' default; ``all`` = exact) and memory budget. ``channels`` elsewhere is a 422.
+    def method_config(self, method: str, channels: str | None, model: LoadedModel | None = None,
+                      layer: str | None = None) -> MethodConfig | None:
+        """The method's config from the form: Score-CAM's channel count (the request's, else the
+        settings' default; ``all`` = exact). ``channels`` elsewhere is a 422.
 
         A synchronous request may score at most ``sync_scorecam_max_channels`` channels: a larger
         count, or ``all`` on a wider layer of ``model`` (at ``layer``, default the model's), is a
@@ -96,7 +97,7 @@ class InferenceService:
         if method != "scorecam":
             if text:
                 raise ApiError(422, "invalid_parameter", "channels applies to method scorecam only")
-            return {}
+            return None
         if not text:
             count = self.settings.scorecam_channels or None
         elif text == "all":
@@ -112,7 +113,7 @@ class InferenceService:
                 raise ApiError(422, "invalid_parameter", "channels must be a positive integer or 'all'")
             if count > self.settings.sync_scorecam_max_channels:
                 raise self._too_costly(f"channels={count} is more")
-        return {"channels": count, "memory_budget_mb": self.settings.scorecam_memory_mb}
+        return ScoreCAMConfig(channels=count)
 
     def _too_costly(self, what: str) -> ApiError:
         cap = self.settings.sync_scorecam_max_channels
@@ -150,17 +151,17 @@ class InferenceService:
     def explain(self, data: bytes, method: str, model_name: str, target: int | None, layer: str | None,
                 top_k: int, channels: str | None = None, metrics: MetricUnit | None = None) -> ImageExplanation:
         started = time.perf_counter()
-        self.method_options(method, channels)  # the request's own mistakes first, before any decoding
+        self.method_config(method, channels)  # the request's own mistakes first, before any decoding
         image = self.decode(data)
         model = self.model(model_name)
         if target is not None and not 0 <= target < model.num_classes:
             raise ApiError(422, "invalid_target", f"target must be a class index in [0, {model.num_classes - 1}]")
-        options = self.method_options(method, channels, model, layer)
+        config = self.method_config(method, channels, model, layer)
         decoded = time.perf_counter()
         try:
             with self._slots:
                 result = explain_image(model, image, method, target, layer, top_k, self.settings.overlay_max_side,
-                                       options, self.fastpath, metrics=metrics)
+                                       config, metrics=metrics)
         except ExplainError as exc:
             raise ApiError(422, exc.code, exc.message) from None
         self.metrics.inference.labels(model.name, method).observe(result.timing_ms["explain"] / 1e3)

@@ -1,4 +1,4 @@
-"""The API's settings: the shared core (``workers.settings``) plus the HTTP front end's own."""
+"""The API's settings: the shared core (``core.settings``) plus the HTTP front end's own."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import NoDecode
 
-from workers.settings import CoreSettings, SettingsError, readable_settings_error
+from core.settings import CoreSettings, SettingsError, readable_settings_error
 
 __all__ = ["Settings", "SettingsError", "load_settings"]
 

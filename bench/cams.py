@@ -11,8 +11,8 @@ smaller there). The input is the cat photo; the target is our top-1 class, given
 Grad-CAM on efficientnet_lite0 is also compared with a bare forward + backward (full forward
 with autograd, target logit back-propagated to the input): the floor any Grad-CAM pays.
 
-Ours runs with the fast path the service would use on that device (CPU: exact fp32; CUDA:
-fp16 autocast + channels_last + CUDA graphs, warmed before timing). Timings are the median of
+Ours runs with the execution policy the service would use on that device (CPU: exact fp32;
+CUDA: fp16 autocast + channels_last + CUDA graphs, warmed before timing). Timings are the median of
 ``--repeats`` runs after one warm-up run; on CUDA every run is synchronised.
 """
 
@@ -23,7 +23,7 @@ import copy
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.common import DOCS, machine_info, record_section
-from explainers.cam import GradCAM, ScoreCAM
-from explainers.fastpath import EXACT, FastPath
+from explainers.cam import GradCAM, ScoreCAM, ScoreCAMConfig
+from explainers.execution import Execution, ExecutionPolicy
 
 MODELS = {
     "efficientnet_lite0": ("builtin", "bn2"),
@@ -62,7 +62,8 @@ def load_model(name: str, device: torch.device) -> nn.Module:
     if kind == "builtin":
         from models import ModelRegistry, load_catalog
 
-        return ModelRegistry(load_catalog(None), str(device)).get(name).module
+        # no warm-up at load: the execution timed here is the benchmark's own (see bench_model)
+        return ModelRegistry(load_catalog(None), str(device), ExecutionPolicy(warmup=False)).get(name).module
     import torchvision
 
     torch.manual_seed(0)
@@ -123,11 +124,12 @@ def bare_forward_backward(module: nn.Module, inputs: torch.Tensor, target: int) 
 
 
 def bench_model(name: str, methods: list[str], args: argparse.Namespace, device: torch.device,
-                fast: FastPath) -> list[Row]:
+                policy: ExecutionPolicy) -> list[Row]:
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     _, layer = MODELS[name]
     module = load_model(name, device)
+    execution = Execution(module, policy.with_changes(memory_budget_mb=args.memory_mb))
     inputs = sample_input(args.size, device)
     with torch.inference_mode():
         target = int(module(inputs).argmax())
@@ -135,9 +137,9 @@ def bench_model(name: str, methods: list[str], args: argparse.Namespace, device:
     rows = []
     for method in methods:
         if method == "gradcam":
-            ours = GradCAM(module, layer, fastpath=fast)
+            ours = GradCAM(execution, layer=layer)
         else:
-            ours = ScoreCAM(module, layer, fastpath=fast, memory_budget_mb=args.memory_mb)
+            ours = ScoreCAM(execution, ScoreCAMConfig(), layer=layer)  # exact: every channel
         # Score-CAM on the CPU runs for tens of seconds per call: no warm-up run (nothing to compile)
         warmup = device.type == "cuda" or method == "gradcam"
         ours_ms, explanation = timed(lambda: ours.explain(inputs, target), args.repeats, device, warmup)
@@ -150,8 +152,8 @@ def bench_model(name: str, methods: list[str], args: argparse.Namespace, device:
             corr = correlation(explanation.saliency, maps)
         rows.append(Row(name, method, ours_ms, reference_ms, "pytorch-grad-cam", corr, note))
         if method == "scorecam" and explanation.details.get("runtime") == "onnxruntime":
-            # the same Score-CAM with PyTorch running the masked forwards (explainers.onnx_cpu)
-            eager = ScoreCAM(module, layer, fastpath=replace(fast, cpu_runtime="torch"), memory_budget_mb=args.memory_mb)
+            # the same Score-CAM with PyTorch running the masked forwards (explainers.execution.onnx_cpu)
+            eager = ScoreCAM(execution.with_policy(cpu_runtime="torch"), ScoreCAMConfig(), layer=layer)
             eager_ms, eager_map = timed(lambda: eager.explain(inputs, target), args.repeats, device, warmup)
             rows.append(Row(name, "scorecam vs PyTorch forwards", ours_ms, eager_ms, "ours with PyTorch forwards",
                             correlation(explanation.saliency, eager_map.saliency.cpu().numpy()),
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         args.memory_mb = 4096.0 if device.type == "cuda" else 512.0
     if args.reference_repeats is None:
         args.reference_repeats = args.repeats if device.type == "cuda" else 1
-    fast = EXACT if device.type != "cuda" else FastPath(
+    policy = ExecutionPolicy() if device.type != "cuda" else ExecutionPolicy(  # CPU: exact fp32
         precision=args.precision, compile=args.compile, cuda_graphs=not args.no_graphs)
     warnings.filterwarnings("ignore")
     try:  # pytorch-grad-cam prints a tqdm bar per Score-CAM batch loop
@@ -265,11 +267,11 @@ def main(argv: list[str] | None = None) -> None:
         tqdm.tqdm.__init__ = partialmethod(tqdm.tqdm.__init__, disable=True)  # type: ignore[method-assign]
     except ImportError:
         pass
-    args.fast, args.device_used = fast, device
+    args.fast, args.device_used = policy, device
     info = machine(device)
     rows: list[Row] = []
     for name in args.models:
-        rows.extend(bench_model(name, args.methods, args, device, fast))
+        rows.extend(bench_model(name, args.methods, args, device, policy))
         print(f"{name}: done", flush=True)
     print(f"\n{info['date']} | {info['machine']} | {info['device']} | {info['versions']}\n")
     print(table(rows))

@@ -45,7 +45,7 @@ for name in ${STEPS:-variants quirks sag cams variants_compile}; do
         igos) step igos "${IGOS_LIMIT:-200}" $PY -m bench.igos --repeats 3 --speed-models convnext_tiny "${quick[@]}" ;;
         igos_tuned) step igos_tuned "${IGOS_LIMIT:-200}" $PY -m bench.igos --repeats 3 --speed-models convnext_tiny \
             --cudnn-benchmark --images chelsea coffee --no-docs "${quick[@]}" ;;
-        profile) step profile 120 $PY -m bench.profile_igos ;;
+        profile) step profile 120 $PY -m bench.profile_igos "${quick[@]}" ;;
         variants) step variants "${VARIANTS_LIMIT:-150}" $PY -m bench.igos_variants --repeats 3 \
             --variants as_loaded default fp16 "${quick[@]}" ;;
         variants_compile) step variants_compile "${COMPILE_LIMIT:-200}" $PY -m bench.igos_variants --repeats 3 \

@@ -34,7 +34,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -43,12 +43,14 @@ import torch
 from bench.common import add_cudnn_flag, apply_cudnn_flag, cpu_name, record_section
 from explainers.baselines import make_baseline
 from explainers.cam import GradCAM
-from explainers.igos import IGOSConfig, make_igos
+from explainers.execution import Execution
+from explainers.igos import IGOS, IGOSConfig, IGOSPlusPlus, IGOSPlusPlusConfig
 from explainers.metrics import deletion_insertion
 
 IMAGES = ("chelsea", "coffee", "rocket", "astronaut")
 REFERENCE_AUC = {"igos++": (0.096, 0.481), "gradcam": (0.111, 0.386)}
 REFERENCE_SECONDS = {"igos++": (2.5, 3.1), "igos": (0.85, 1.15)}
+VARIANTS = {"igos": IGOS, "igos++": IGOSPlusPlus}
 
 
 @dataclass
@@ -88,13 +90,14 @@ def load_images(names: list[str]):
     return {name: Image.fromarray(getattr(data, name)()).convert("RGB") for name in names}
 
 
-def score_both(module, inputs: torch.Tensor, saliency: torch.Tensor, labels: torch.Tensor, baseline: torch.Tensor,
-               info: dict, steps: int) -> tuple[float, float, float, float]:
+def score_both(execution: Execution, inputs: torch.Tensor, saliency: torch.Tensor, labels: torch.Tensor,
+               baseline: torch.Tensor, info: dict, steps: int) -> tuple[float, float, float, float]:
     """Deletion and insertion AUC of one map over pixels (trapezoid), then under the papers'
-    protocol (28 x 28 cells, right Riemann sum)."""
-    pixels = deletion_insertion(module, inputs, saliency, labels, steps=steps, baseline=baseline,
+    protocol (28 x 28 cells, right Riemann sum), scored by ``execution`` (a model's, e.g.
+    ``model.execution``)."""
+    pixels = deletion_insertion(execution, inputs, saliency, labels, steps=steps, baseline=baseline,
                                 baseline_description=info)
-    cells = deletion_insertion(module, inputs, saliency, labels, steps=steps, baseline=baseline,
+    cells = deletion_insertion(execution, inputs, saliency, labels, steps=steps, baseline=baseline,
                                unit="cell", auc="right")
     return (float(pixels.deletion_auc[0]), float(pixels.insertion_auc[0]),
             float(cells.deletion_auc[0]), float(cells.insertion_auc[0]))
@@ -132,7 +135,7 @@ def speed_only(name: str, images: dict, preprocessor, device: torch.device, repe
     torch.manual_seed(0)
     module = torchvision.models.get_model(name, weights=None, num_classes=1000)
     module = module.eval().requires_grad_(False).to(device)
-    explainer = make_igos("igos++", module, IGOSConfig.for_method("igos++"))
+    explainer = IGOSPlusPlus(Execution(module), IGOSPlusPlusConfig())
     seconds = []
     for index, image in enumerate(images.values()):
         inputs, _ = preprocessor.to_input(image)
@@ -174,27 +177,29 @@ def main() -> None:
 
     device = torch.device(args.device)
     model = ModelRegistry(load_catalog(None), str(device)).get("efficientnet_lite0")
-    module, layer = model.module, model.default_layer
+    module, layer, execution = model.module, model.default_layer, model.execution
+    # the CAM rows run exact fp32 (as the explainers' default did before the execution policy)
+    exact = execution.with_policy(precision="fp32")
     images = load_images(args.images)
 
     methods: dict[str, Callable[[torch.Tensor, int, int], torch.Tensor]] = {}
     seeded: set[str] = set()
     configs: dict[str, IGOSConfig] = {}
     if not args.no_reference_settings:
-        configs["igos (reference settings)"] = IGOSConfig.for_method("igos")
-        configs["igos++ (reference settings)"] = IGOSConfig.for_method("igos++")
-    configs["igos (cpu preset)"] = IGOSConfig.cpu_preset("igos")
-    configs["igos++ (cpu preset)"] = IGOSConfig.cpu_preset("igos++")
+        configs["igos (reference settings)"] = IGOSConfig()
+        configs["igos++ (reference settings)"] = IGOSPlusPlusConfig()
+    configs["igos (cpu preset)"] = IGOSConfig.cpu_preset()
+    configs["igos++ (cpu preset)"] = IGOSPlusPlusConfig.cpu_preset()
     for name, config in configs.items():
         variant = name.split(" ")[0]
-        methods[name] = (lambda v, c: lambda x, t, seed: make_igos(v, module, replace(c, seed=seed))
+        methods[name] = (lambda v, c: lambda x, t, seed: VARIANTS[v](execution, c.replace(seed=seed))
                          .explain(x, t).saliency)(variant, config)
         seeded.add(name)
-    methods["gradcam"] = lambda x, t, _seed: GradCAM(module, layer).explain(x, t).saliency
+    methods["gradcam"] = lambda x, t, _seed: GradCAM(exact, layer=layer).explain(x, t).saliency
     try:
         from explainers.cam import ScoreCAM
 
-        methods["scorecam"] = lambda x, t, _seed: ScoreCAM(module, layer).explain(x, t).saliency
+        methods["scorecam"] = lambda x, t, _seed: ScoreCAM(exact, layer=layer).explain(x, t).saliency
     except ImportError:
         pass
     methods["gradcam (pytorch-grad-cam)"] = lambda x, t, _seed: pytorch_grad_cam_map(module, layer, x, t)
@@ -223,7 +228,7 @@ def main() -> None:
                 saliency, durations = runs[-1][0], [seconds for _, seconds in runs]
                 if saliency is None:
                     continue
-                aucs = score_both(module, inputs, saliency, labels, baseline, info, args.metric_steps)
+                aucs = score_both(execution, inputs, saliency, labels, baseline, info, args.metric_steps)
                 row = rows[name]
                 for values, auc in zip((row.deletion, row.insertion, row.cell_deletion, row.cell_insertion), aucs):
                     values.append(auc)

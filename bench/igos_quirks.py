@@ -56,19 +56,19 @@ def quirky(align_corners: bool, fresh_noise: bool, plain_armijo: bool) -> type[i
                 return masks
             return F.interpolate(masks, size=size, mode="bilinear", align_corners=align_corners)
 
-        def _line_search(self, point, grads, objective, inputs, base, targets, times, noise, edge, dtype,
+        def _line_search(self, session, point, grads, objective, inputs, base, targets, times, noise, edge,
                          max_batch, per_batch, endpoint, start_step, generator=None):
             if not plain_armijo or noise is None:  # otherwise the explainer's own (projected) test
-                return super()._line_search(point, grads, objective, inputs, base, targets, times, noise, edge,
-                                            dtype, max_batch, per_batch, endpoint, start_step, generator)
+                return super()._line_search(session, point, grads, objective, inputs, base, targets, times, noise,
+                                            edge, max_batch, per_batch, endpoint, start_step, generator)
             cfg, size, terms = self.config, tuple(inputs.shape[-2:]), len(self._terms())
 
             def draw() -> torch.Tensor:
                 return torch.randn_like(noise) * cfg.noise if fresh_noise else noise
 
             def value(masks):
-                scores, _ = self._path_scores(self._term_masks(masks, size)[None], inputs, base, targets, times,
-                                              draw(), dtype, max_batch)
+                scores, _ = self._path_scores(session, self._term_masks(masks, size)[None], inputs, base, targets,
+                                              times, draw(), max_batch)
                 return self.search_term_scale * scores[0] + self._regulariser(masks, inputs, edge)
 
             used = 0
@@ -109,7 +109,7 @@ def main() -> None:
     device = torch.device(args.device)
     model = ModelRegistry(load_catalog(None), str(device)).get("efficientnet_lite0")
     kind = quirky(args.align_corners, args.fresh_noise, args.plain_armijo)
-    make = igos.IGOSConfig.for_method if args.preset == "reference" else igos.IGOSConfig.cpu_preset
+    make = igos.IGOSPlusPlusConfig if args.preset == "reference" else igos.IGOSPlusPlusConfig.cpu_preset
     photos = {}
     for name, image in load_images(args.images).items():
         inputs, _ = model.preprocessor.to_input(image)
@@ -118,15 +118,15 @@ def main() -> None:
     per_seed = {}
     for seed in args.seeds:
         torch.manual_seed(seed)  # the fresh line-search noise draws from the global generator
-        config = make("igos++", seed=seed, line_search_noise="fresh" if args.fresh_noise else "shared",
+        config = make(seed=seed, line_search_noise="fresh" if args.fresh_noise else "shared",
                       **({"max_trials": 13, "min_step": 1e-5} if args.all else {}))
         scores = []
         for name, (inputs, target, baseline, info) in photos.items():
             started = time.perf_counter()
-            explanation = kind(model.module, config).explain(inputs, target, baseline=baseline)
+            explanation = kind(model.execution, config).explain(inputs, target, baseline=baseline)
             seconds = time.perf_counter() - started
             labels = torch.tensor([target], device=device)
-            pixel_del, pixel_ins, cell_del, cell_ins = score_both(model.module, inputs, explanation.saliency,
+            pixel_del, pixel_ins, cell_del, cell_ins = score_both(model.execution, inputs, explanation.saliency,
                                                                   labels, baseline, info, steps=50)
             row = [cell_del, cell_ins, pixel_del, pixel_ins]
             scores.append(row)

@@ -11,10 +11,11 @@ through the network:
 * ``as_loaded``: the network as loaded (a channels-last private copy on CUDA), bf16 autocast
   (the service default until 2026-11-26 14:00 UTC);
 * ``default``: the service default, batch norm folded into the convolutions on CUDA
-  (``IGOSConfig(network="auto")``, :mod:`explainers.lean`);
-* ``fp16``: ``default`` in float16 autocast with a fixed gradient scale;
-* ``compile``: ``default`` through ``torch.compile`` (``IGOSConfig(compile=True)``, the workers'
-  ``UNBOX_FAST_COMPILE``; compiled on the warm-up).
+  (``ExecutionPolicy(network="auto")``, :mod:`explainers.execution.lean`);
+* ``fp16``: ``default`` in float16 autocast with a fixed gradient scale
+  (``ExecutionPolicy(precision="fp16")``);
+* ``compile``: ``default`` through ``torch.compile`` (``ExecutionPolicy(compile=True)``, the
+  workers' ``UNBOX_FAST_COMPILE``; compiled on the warm-up).
 
 H200, 2026-11-26 (docs/benchmarks.md): ``default`` 0.72 s against ``as_loaded`` 0.90 s per
 image; compiling the network as loaded (then a subclass here, the same ``torch.compile`` call)
@@ -35,7 +36,6 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
@@ -43,17 +43,18 @@ from bench.common import add_cudnn_flag, apply_cudnn_flag, machine_info, record_
 from bench.igos import IMAGES, load_images, score_both, timed
 from explainers import igos
 from explainers.baselines import make_baseline
+from explainers.execution import Execution
 
-# each variant = the IGOSConfig fields it changes from the shared reference settings
+# each variant = the ExecutionPolicy fields it changes from the model's execution (the service's)
 VARIANTS: dict[str, dict[str, object]] = {
-    "as_loaded": {"network": "as_loaded"}, "default": {}, "fp16": {"precision": "float16"}, "compile": {"compile": True},
+    "as_loaded": {"network": "as_loaded"}, "default": {}, "fp16": {"precision": "fp16"}, "compile": {"compile": True},
 }
 
 
-def run_variant(name: str, module, photos: dict, config: igos.IGOSConfig, device: torch.device,
+def run_variant(name: str, execution: Execution, photos: dict, config: igos.IGOSConfig, device: torch.device,
                 repeats: int, metric_steps: int) -> dict:
     """Seconds, images and papers'-protocol AUCs of one variant over the photos."""
-    explainer = igos.IGOSPlusPlus(module, replace(config, **VARIANTS[name]))  # type: ignore[arg-type]
+    explainer = igos.IGOSPlusPlus(execution.with_policy(**VARIANTS[name]), config)
     seconds, deletion, insertion, images = [], [], [], []
     warm_started = time.perf_counter()
     for index, (photo, (inputs, target)) in enumerate(photos.items()):
@@ -64,7 +65,7 @@ def run_variant(name: str, module, photos: dict, config: igos.IGOSConfig, device
         result = runs[0][0]
         seconds.append(statistics.median(t for _, t in runs))
         base, info = make_baseline(inputs, "blur")
-        *_, cell_del, cell_ins = score_both(module, inputs, result.saliency, result.targets, base, info,
+        *_, cell_del, cell_ins = score_both(execution, inputs, result.saliency, result.targets, base, info,
                                             metric_steps)
         deletion.append(cell_del)
         insertion.append(cell_ins)
@@ -105,10 +106,10 @@ def main() -> None:
 
     device = torch.device(args.device)
     model = ModelRegistry(load_catalog(None), str(device)).get("efficientnet_lite0")
-    config = igos.IGOSConfig.for_method("igos++")
+    config = igos.IGOSPlusPlusConfig()
     names, repeats, metric_steps = args.images, args.repeats, args.metric_steps
     if args.quick:
-        config = replace(config, iterations=3, steps=3)
+        config = config.replace(iterations=3, steps=3)
         names, repeats, metric_steps = names[:1], 1, 10
     photos = {}
     for name, image in load_images(names).items():
@@ -118,7 +119,7 @@ def main() -> None:
     rows = []
     for name in args.variants:
         try:
-            rows.append(run_variant(name, model.module, photos, config, device, repeats, metric_steps))
+            rows.append(run_variant(name, model.execution, photos, config, device, repeats, metric_steps))
         except Exception as exc:  # a variant that cannot run here (e.g. compile without a compiler)
             print(f"{name}: failed: {type(exc).__name__}: {exc}", flush=True)
     baseline = next((statistics.fmean(r["seconds"]) for r in rows if r["name"] == "as_loaded"), None)

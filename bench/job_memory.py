@@ -50,10 +50,10 @@ def _former_result(image: Image.Image) -> int:
     """Bytes of the former finished Grad-CAM result: pictures inline, the map at full size."""
     from explainers.pipeline import explain_image
     from models import ModelRegistry, load_catalog
-    from workers.settings import CoreSettings
+    from core.settings import CoreSettings
 
-    model = ModelRegistry(load_catalog(None), "cpu").get("efficientnet_lite0")
-    result = explain_image(model, image, "gradcam", None, None, 5, 1024, None, CoreSettings().fast_path())
+    model = ModelRegistry(load_catalog(None), "cpu", CoreSettings().execution_policy()).get("efficientnet_lite0")
+    result = explain_image(model, image, "gradcam", None, None, 5, 1024)
     return len(json.dumps({**result.as_json(), "params": {"layer": None, "top_k": 5}}, separators=(",", ":")))
 
 

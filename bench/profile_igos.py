@@ -2,6 +2,7 @@
 
     python -m bench.profile_igos                       # I-GOS++ at the reference settings
     python -m bench.profile_igos --method igos --rows 25
+    python -m bench.profile_igos --quick               # the CPU preset instead: a smoke run on a CPU
 
 Prints the busiest operators by device time (CUDA) or CPU time, and the wall time of the run
 against the summed kernel time: a large gap means launch overhead or host syncs, not arithmetic.
@@ -16,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.igos import load_images
-from explainers.igos import IGOSConfig, make_igos
+from explainers.registry import create, method_class
 
 
 def main() -> None:
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--image", default="chelsea")
     parser.add_argument("--rows", type=int, default=18)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="the method's CPU preset instead of the reference settings")
     args = parser.parse_args()
 
     from models import ModelRegistry, load_catalog
@@ -33,7 +35,8 @@ def main() -> None:
     model = ModelRegistry(load_catalog(None), str(device)).get("efficientnet_lite0")
     inputs, _ = model.preprocessor.to_input(load_images([args.image])[args.image])
     target = int(model.logits(inputs)[0].argmax())
-    explainer = make_igos(args.method, model.module, IGOSConfig.for_method(args.method))
+    kind = method_class(args.method)  # its Config's defaults are the reference settings
+    explainer = create(args.method, model.execution, kind.Config.cpu_preset() if args.quick else None)
     explainer.explain(inputs, target)  # warm-up
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

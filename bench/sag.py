@@ -11,7 +11,8 @@ over four photos) on an NVIDIA H200, 475-6687 forward passes per photo.
 
 Side by side in one run: ours as the service runs it (every search step, minimisation round and
 graph level one batched forward; scores cached by patch set) and the same search with one image
-per forward (``max_batch=1``: the reference's way of running the network, with our cache). The
+per forward (``ExecutionPolicy(images_per_forward=1)``: the reference's way of running the
+network, with our cache; the coarse I-GOS ordering then also runs one image per forward). The
 forward counts are images through the network; "asked" counts the patch sets the algorithm
 requested (what an implementation without a cache would evaluate). Where scoring is incremental
 (a CPU by default: one-patch changes through a crop of the early layers), the same search with
@@ -28,13 +29,14 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
 from bench.common import DOCS, add_cudnn_flag, apply_cudnn_flag, machine_info, record_section
+from explainers.execution import Execution
 from explainers.sag import SAG, SAGConfig, SAGResult
 
 REFERENCE_CPU_CAT_S = 30.9  # reference root search only, cat photo, 2-core CPU
@@ -83,12 +85,16 @@ def run_once(sag: SAG, inputs: torch.Tensor) -> tuple[SAGResult, float]:
     return result, time.perf_counter() - started
 
 
-def bench_photo(name: str, model, config: SAGConfig, args: argparse.Namespace) -> Row:
+def make_sag(model, execution: Execution, config: SAGConfig) -> SAG:
+    return SAG(execution, config, model.default_layer, model.normalization)
+
+
+def bench_photo(name: str, model, execution: Execution, config: SAGConfig, args: argparse.Namespace) -> Row:
     inputs, _ = model.preprocessor.to_input(photo(name))
 
     def explainer(**changes: object) -> SAG:
-        return SAG(model.module, replace(config, **changes), layer=model.default_layer, mean=model.spec.mean,
-                   std=model.spec.std)
+        """Ours under ``execution``'s policy with ``changes`` (the same model and variants)."""
+        return make_sag(model, execution.with_policy(**changes) if changes else execution, config)
 
     sag = explainer()
     with torch.inference_mode():  # warm-up: allocator, kernels
@@ -109,7 +115,7 @@ def bench_photo(name: str, model, config: SAGConfig, args: argparse.Namespace) -
             runs.append(run_once(sag, inputs))
     result = runs[-1][0]
     seconds = statistics.median(t for _, t in runs)
-    unbatched = run_once(explainer(max_batch=1), inputs)[1] if args.unbatched else None
+    unbatched = run_once(explainer(images_per_forward=1), inputs)[1] if args.unbatched else None
     medians = {kind: statistics.median(times) for kind, times in other_runs.items()}
     return Row(name, model.labels[result.target], result, seconds, unbatched, runs[0][1], medians.get("whole"),
                medians.get("torch"))
@@ -225,15 +231,15 @@ def main(argv: list[str] | None = None) -> None:
                           else "cpu" if args.device == "auto" else args.device)
     info = machine(device)
     model = ModelRegistry(load_catalog(None), str(device)).get("efficientnet_lite0")
-    config = SAGConfig(ordering=args.ordering, baseline=args.baseline, incremental=args.incremental,
-                       cpu_runtime=args.cpu_runtime)
+    config = SAGConfig(ordering=args.ordering, baseline=args.baseline)
+    execution = model.execution.with_policy(incremental=args.incremental, cpu_runtime=args.cpu_runtime)
     first, _ = model.preprocessor.to_input(photo(args.images[0]))
     # warm-up: one whole explanation, so that kernel/primitive set-up for every batch shape
     # (oneDNN on a CPU, cuDNN on CUDA) is not charged to the first photo
-    SAG(model.module, config, layer=model.default_layer, mean=model.spec.mean, std=model.spec.std).explain(first)
+    make_sag(model, execution, config).explain(first)
     rows = []
     for name in args.images:
-        rows.append(bench_photo(name, model, config, args))
+        rows.append(bench_photo(name, model, execution, config, args))
         print(f"{name}: {rows[-1].seconds:.2f} s (first run {rows[-1].first_seconds:.2f} s)", flush=True)
     print(f"\n{info['date']} | {info['machine']} | {info['device']} | {info['versions']}\n")
     print(table(rows, device))

@@ -1,7 +1,13 @@
-"""Explanation methods, pure PyTorch: no HTTP, no queues, no files."""
+"""Explanation methods, pure PyTorch: no HTTP, no queues, no files.
 
-from explainers.cam import CAM, ActivationCAM, GradCAM
+Each method file reads as its paper's algorithm; how forwards run is :mod:`explainers.execution`'s."""
+
+from explainers.cam import CAM, ActivationCAM, GradCAM, ScoreCAM
 from explainers.errors import ExplainError
+from explainers.execution import Execution, ExecutionPolicy
+from explainers.method import Method, MethodConfig
+from explainers.registry import METHODS, create
 from explainers.result import Explanation
 
-__all__ = ["CAM", "ActivationCAM", "ExplainError", "Explanation", "GradCAM"]
+__all__ = ["CAM", "METHODS", "ActivationCAM", "Execution", "ExecutionPolicy", "ExplainError", "Explanation", "GradCAM",
+           "Method", "MethodConfig", "ScoreCAM", "create"]

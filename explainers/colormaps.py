@@ -6,7 +6,6 @@ rendering needs no plotting library.
 
 from __future__ import annotations
 
-from functools import lru_cache
 
 import numpy as np
 
@@ -30,11 +29,17 @@ _INFERNO_HEX = (
 )
 
 
-@lru_cache(maxsize=None)
-def lookup_table(name: str = "inferno") -> np.ndarray:
-    """A read-only ``256 x 3`` uint8 table for the colour map ``name``."""
-    if name != "inferno":
-        raise ValueError(f"unknown colour map {name!r}")
-    table = np.frombuffer(bytes.fromhex(_INFERNO_HEX), dtype=np.uint8).reshape(256, 3)
+def _decoded(hex_table: str) -> np.ndarray:
+    table = np.frombuffer(bytes.fromhex(hex_table), dtype=np.uint8).reshape(256, 3)
     table.flags.writeable = False
     return table
+
+
+_TABLES = {"inferno": _decoded(_INFERNO_HEX)}  # constants, read-only
+
+
+def lookup_table(name: str = "inferno") -> np.ndarray:
+    """A read-only ``256 x 3`` uint8 table for the colour map ``name``."""
+    if name not in _TABLES:
+        raise ValueError(f"unknown colour map {name!r}")
+    return _TABLES[name]

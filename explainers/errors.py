@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
+from core.errors import UnboxError
 
-class ExplainError(ValueError):
+
+class ExplainError(UnboxError, ValueError):
     """A request the method cannot honour; ``code`` is a stable machine-readable reason."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message

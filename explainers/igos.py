@@ -19,128 +19,84 @@ Steps: Armijo backtracking (start 1000, shrink 0.2, sufficient decrease 1e-4, cl
 candidates, a capped number of trials evaluated a few at a time in one batched forward), or
 Nesterov momentum ``i / (i + 3)`` with a fixed step. Speed by design: every path image of every
 term of an iteration goes through one batched forward + backward (split into chunks of
-``max_batch`` images only to bound memory), the gradient reaches the masks through the cheap
-up-sampling only once per iteration, no autograd graph outlives an iteration, and on CUDA the
-network runs in bfloat16 autocast on a copy with batch norm folded into the convolutions (masks,
-scores and the regulariser stay float32).
+images only to bound memory), the gradient reaches the masks through the cheap up-sampling
+only once per iteration, and no autograd graph outlives an iteration. How the network runs
+(variant, precision, chunk sizes) is the execution's; masks, scores and the regulariser stay
+float32.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
-from typing import Callable, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from pydantic import Field
 
 from explainers.baselines import BaselineKind, make_baseline
-from explainers.batching import images_per_backward, images_per_forward
 from explainers.errors import ExplainError
-from explainers.fastpath import compiled_network, network_for, scoring_forward
-from explainers.onnx_cpu import CpuRuntime, runtime_of
+from explainers.execution import Session
+from explainers.method import Method, MethodConfig, Progress, Targets
 from explainers.result import Explanation, normalize_maps, resolve_targets
-
-ProgressCallback = Callable[[int, int], None]
 
 # A term of the objective: which mask it reads, the path direction and its weight.
 _DELETION, _INSERTION = 0, 1
-# Loss scale for float16 backward passes: the weighted probabilities' gradients reach ~1e-6 at
-# the logits, near float16's subnormal range; 2^10 keeps them representable with ample headroom.
-_FLOAT16_GRAD_SCALE = 1024.0
 
 
-@dataclass(frozen=True)
-class IGOSConfig:
-    """Parameters of I-GOS / I-GOS++ (defaults: the I-GOS paper's demo; see ``for_method``).
+class IGOSConfig(MethodConfig):
+    """Parameters of I-GOS (defaults: the I-GOS paper's demo; :class:`IGOSPlusPlusConfig` has
+    I-GOS++'s).
 
     ``line_search_objective``: ``integrated`` evaluates each Armijo candidate on the same noisy
     path images as the gradient (the I-GOS++ reference; ``n`` forwards per term and trial);
     ``endpoint`` evaluates it at ``t = 1`` without noise (the I-GOS paper; one forward per term
-    and trial), far cheaper on a CPU. ``line_search_noise`` (integrated objective only):
-    ``shared`` scores the candidates on the gradient's own noisy path images; ``fresh`` (the
-    I-GOS++ reference) draws new noise, from the same seeded generator, for the current point
-    and for every batch of candidates, at the price of one more set of path images per
-    iteration. ``warm_start`` begins each iteration's backtracking at
-    the previous accepted step divided by ``backtrack`` (capped at ``step_size``) instead of at
-    ``step_size``, saving most trials once the step size has settled.
-
-    ``network``: ``as_loaded`` scores path images on the network as loaded; ``lean`` on the copy
-    with batch norm folded into the convolutions (:mod:`explainers.lean`, a fifth less work);
-    ``auto`` (the default) is ``lean``, fed channels-last images, on every device: I-GOS++ on an
-    H200 0.72 instead of 0.90 s per image (`bench.igos_variants`), the CPU preset on the 2-core
-    CPU 12.1 instead of 21.6 s (chelsea, same process, 2026-11-26). In float32 the accept /
-    reject steps turn folding's ~1e-6 rounding into a visibly different (equally converged)
-    mask than the network as loaded gives; a seeded run still repeats exactly.
-    ``as_loaded`` keeps the network's arithmetic and, on a CPU, the NCHW layout (there a copy
-    whose layers are swapped for less memory traffic, :mod:`explainers.lean_layers`, logits
-    bit-identical; SAG's coarse ordering about a tenth faster over 14 photos, the same orders).
-    ``cpu_runtime``: with the lean network on a CPU in float32, the forward-only images (line
-    search trials) run in ONNX Runtime when it is wanted and installed
-    (:func:`explainers.fastpath.scoring_forward`); path images that need gradients stay on
-    PyTorch. ``compile`` (CUDA only): the network through
-    ``torch.compile``, compiled once per batch shape and cached per network (I-GOS++ on an
-    H200, compiling the network as loaded: 0.83 -> 0.57 s per image; about 35 s for the first
-    job's shapes).
+    and trial), far cheaper. ``line_search_noise`` (integrated objective only): ``shared``
+    scores the candidates on the gradient's own noisy path images; ``fresh`` (the I-GOS++
+    reference) draws new noise, from the same seeded generator, for the current point and for
+    every batch of candidates, at the price of one more set of path images per iteration.
+    ``warm_start`` begins each iteration's backtracking at the previous accepted step divided
+    by ``backtrack`` (capped at ``step_size``) instead of at ``step_size``, saving most trials
+    once the step size has settled.
     """
 
-    mask_size: int = 28
-    iterations: int = 15
-    steps: int = 20
-    l1: float = 1.0
-    tv: float = 20.0
-    bilateral_tv: bool = False
-    bilateral_sigma: float = 0.01
-    noise: float = 0.2
-    baseline: BaselineKind = "blur"
+    mask_size: int = Field(28, ge=1, le=1024, description="mask side in cells (at most the model's input size)")
+    iterations: int = Field(15, ge=1, le=200)
+    steps: int = Field(20, ge=1, le=100, description="integration steps along the path (t_k = k / n)")
+    l1: float = Field(1.0, ge=0, le=1e3)
+    tv: float = Field(20.0, ge=0, le=1e4, description="TV coefficient (bilateral TV for igos++)")
+    bilateral_tv: bool = Field(False, description="TV of the up-sampled mask weighted by image edges, "
+                               "averaged with the mask-resolution TV (I-GOS++)")
+    bilateral_sigma: float = Field(0.01, gt=0, le=10)
+    noise: float = Field(0.2, ge=0, le=5, description="std of the Gaussian noise added per step (normalised space)")
+    baseline: BaselineKind = Field("blur", description="what a removed pixel shows: the blurred image or the "
+                                   "dataset's mean colour")
     optimizer: Literal["line_search", "nesterov"] = "line_search"
-    step_size: float = 1000.0
-    armijo: float = 1e-4
-    backtrack: float = 0.2
-    min_step: float = 1e-5
-    max_trials: int = 12
-    trials_per_batch: int | None = None  # None: 4 on CUDA, 1 on CPU (compute is linear there)
+    step_size: float = Field(1000.0, gt=0, le=1e6, description="first Armijo trial / fixed Nesterov step")
+    armijo: float = Field(1e-4, ge=0, le=1, description="sufficient-decrease constant")
+    backtrack: float = Field(0.2, gt=0, lt=1, description="factor between successive Armijo trials")
+    min_step: float = Field(1e-5, ge=0, le=1e6, description="smallest Armijo trial")
+    max_trials: int = Field(12, ge=1, le=30, description="cap on line-search trials per iteration")
     line_search_objective: Literal["integrated", "endpoint"] = "integrated"
     line_search_noise: Literal["shared", "fresh"] = "shared"
-    warm_start: bool = False  # start backtracking at the last accepted step / backtrack
-    max_batch: int | None = None  # images per forward (and forward + backward); None: the device's defaults (explainers.batching)
-    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    network: Literal["auto", "as_loaded", "lean"] = "auto"
-    cpu_runtime: CpuRuntime = "auto"  # forward-only scoring on a CPU with a lean network (workers: UNBOX_CPU_RUNTIME)
-    compile: bool = False  # torch.compile the network on CUDA (workers: UNBOX_FAST_COMPILE)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        checks = {
-            "mask_size": self.mask_size >= 1, "iterations": self.iterations >= 0, "steps": self.steps >= 1,
-            "l1": self.l1 >= 0, "tv": self.tv >= 0, "noise": self.noise >= 0, "step_size": self.step_size > 0,
-            "backtrack": 0 < self.backtrack < 1, "max_trials": self.max_trials >= 1,
-            "bilateral_sigma": self.bilateral_sigma > 0,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ExplainError("invalid_params", f"invalid I-GOS parameters: {', '.join(bad)}")
+    warm_start: bool = False
+    seed: int = Field(0, ge=0, le=2**31 - 1)
 
     @classmethod
-    def for_method(cls, method: str, **overrides: object) -> "IGOSConfig":
-        """The papers' defaults for ``igos`` or ``igos++`` (the I-GOS++ reference as its main
-        script actually runs: 20 iterations of 15 steps, L1 1, bilateral TV 20, mask 28)."""
-        if method == "igos":
-            base = cls()
-        elif method == "igos++":
-            base = cls(iterations=20, steps=15, l1=1.0, tv=20.0, bilateral_tv=True)
-        else:
-            raise ExplainError("unknown_method", f"unknown I-GOS variant {method!r}")
-        return replace(base, **overrides)  # type: ignore[arg-type]
-
-    @classmethod
-    def cpu_preset(cls, method: str, **overrides: object) -> "IGOSConfig":
+    def cpu_preset(cls, **overrides: Any) -> "IGOSConfig":
         """A preset for a small CPU: 8 iterations of 5 steps with warm-started line searches
         (the mask size costs nothing, so it stays 28). Trade-off: a noisier integrated gradient
         and fewer descent steps, so the mask is less converged than at the reference settings."""
-        preset = dict(iterations=8, steps=5, warm_start=True)
-        return cls.for_method(method, **{**preset, **overrides})
+        return cls(**{"iterations": 8, "steps": 5, "warm_start": True, **overrides})
+
+
+class IGOSPlusPlusConfig(IGOSConfig):
+    """Parameters of I-GOS++: the reference as its main script actually runs (20 iterations of
+    15 steps, L1 1, bilateral TV 20, mask 28)."""
+
+    iterations: int = Field(20, ge=1, le=200)
+    steps: int = Field(15, ge=1, le=100, description="integration steps along the path (t_k = k / n)")
+    bilateral_tv: bool = Field(True, description="TV of the up-sampled mask weighted by image edges, "
+                               "averaged with the mask-resolution TV (I-GOS++)")
 
 
 def _tv(masks: torch.Tensor) -> torch.Tensor:
@@ -175,10 +131,13 @@ def _runs(start: int, stop: int, length: int) -> list[tuple[int, int, int]]:
     return runs
 
 
-class _MaskSearch:
+class _MaskSearch(Method):
     """The shared optimiser; subclasses say which masks and terms exist."""
 
-    method: ClassVar[str] = "igos"
+    name: ClassVar[str] = "igos"
+    Config = IGOSConfig
+    result_kind = "mask"
+    config: IGOSConfig
     num_masks: ClassVar[int] = 1
     # weight of the integrated terms in the objective the line search tests, relative to the
     # weights in ``_terms`` (which shape the descent direction)
@@ -186,54 +145,12 @@ class _MaskSearch:
     # factor on the TV terms (the I-GOS++ paper's bilateral TV averages its two parts)
     tv_scale: ClassVar[float] = 1.0
 
-    def __init__(self, model: nn.Module, config: IGOSConfig | None = None) -> None:
-        self.model = model
-        self.config = config or IGOSConfig.for_method(self.method)
-
     # -- the pieces subclasses define -------------------------------------------------------
     def _terms(self) -> list[tuple[int, int, float]]:
         """(mask index, direction, weight) per term; mask index ``-1`` = product of all masks."""
         raise NotImplementedError
 
     # -- helpers ---------------------------------------------------------------------------
-    def _settings(self, device: torch.device) -> tuple[int, int, torch.dtype | None]:
-        cuda = device.type == "cuda"
-        max_batch = images_per_forward(device, self.config.max_batch)
-        trials = self.config.trials_per_batch or (4 if cuda else 1)
-        precision = self.config.precision
-        dtype = None
-        if cuda and precision in ("auto", "bfloat16"):
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        elif cuda and precision == "float16":
-            dtype = torch.float16
-        return max_batch, min(trials, self.config.max_trials), dtype
-
-    def _network(self, images: torch.Tensor, dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The network path images go through (see ``IGOSConfig.network``)."""
-        choice = self.config.network
-        lean = choice in ("lean", "auto")
-        if lean and dtype is None and not torch.is_grad_enabled() and not images.is_cuda:
-            scoring = scoring_forward(self.model, images, self.config.cpu_runtime)
-            self.forward_runtime = runtime_of(scoring)
-            return scoring
-        network = network_for(self.model, images, lean=lean)
-        if self.config.compile and images.is_cuda:
-            return compiled_network(network)
-        return network
-
-    def _probabilities(self, images: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        """Softmax probability of each image's target (float32)."""
-        precision = nullcontext() if dtype is None else torch.autocast(device_type=images.device.type, dtype=dtype)
-        network = self._network(images, dtype)
-        # the lean copy and CUDA's private copies (compiled or not) run channels-last; the CPU's
-        # copy with the loaded network's arithmetic keeps its layout (NCHW), so results stay
-        as_loaded_on_cpu = self.config.network == "as_loaded" and not images.is_cuda
-        if isinstance(network, nn.Module) and network is not self.model and not as_loaded_on_cpu:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with precision:
-            logits = network(images)
-        return logits.float().softmax(dim=1).gather(1, targets[:, None])[:, 0]
-
     def _upsample(self, masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if tuple(masks.shape[-2:]) == tuple(size):
             return masks
@@ -260,9 +177,8 @@ class _MaskSearch:
             value = value + tv * _bilateral_tv(up, weights)
         return value
 
-    def _path_scores(self, term_masks: torch.Tensor, inputs: torch.Tensor, base: torch.Tensor,
-                     targets: torch.Tensor, times: torch.Tensor, noise: torch.Tensor | None,
-                     dtype: torch.dtype | None, max_batch: int,
+    def _path_scores(self, session: Session, term_masks: torch.Tensor, inputs: torch.Tensor, base: torch.Tensor,
+                     targets: torch.Tensor, times: torch.Tensor, noise: torch.Tensor | None, max_batch: int,
                      grad_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weighted score sum per (candidate, image) over all terms and path points.
 
@@ -295,14 +211,11 @@ class _MaskSearch:
             if noise is not None:
                 images = images + noise[term, step]
             with torch.set_grad_enabled(grad_of is not None):
-                probs = self._probabilities(images.flatten(0, 1), targets.repeat(len(entry)), dtype)
+                probs = session.probabilities(images.flatten(0, 1), targets.repeat(len(entry)),
+                                              gradient=grad_of is not None)
                 contribution = probs.view(len(entry), batch) * weights[term][:, None]
                 if grad_of is not None:
-                    # float16 back-propagation: a fixed scale keeps small gradients above underflow
-                    scale = _FLOAT16_GRAD_SCALE if dtype == torch.float16 else 1.0
-                    (g,) = torch.autograd.grad(contribution.sum() * scale, leaf)
-                    if scale != 1.0:
-                        g = g / scale
+                    (g,) = torch.autograd.grad(contribution.sum(), leaf)
             # entries are consecutive, so each (candidate, term) is a contiguous run: summing runs
             # in a fixed order keeps seeded runs bit-identical (index_put_ / index_add_ with
             # repeated indices accumulate in thread order on a multi-core CPU and on CUDA)
@@ -314,26 +227,25 @@ class _MaskSearch:
         return values, grad
 
     # -- the optimisation ----------------------------------------------------------------------
-    def explain(self, inputs: torch.Tensor, targets: int | list[int] | torch.Tensor | None = None,
-                progress: ProgressCallback | None = None, baseline: torch.Tensor | None = None) -> Explanation:
+    def explain(self, inputs: torch.Tensor, targets: Targets = None, progress: Progress | None = None, *,
+                baseline: torch.Tensor | None = None) -> Explanation:
         """Optimise the masks for a normalised batch; ``saliency = normalise(1 - M)``.
 
-        ``progress(done, total)`` is called after every iteration (an exception raised there,
-        e.g. a job cancellation, stops the search). ``details`` hold the raw mask(s), the
-        baseline description, per-iteration objective and step sizes, and the counts of images
-        evaluated.
+        ``progress(fraction, stage)`` is called after every iteration (an exception raised there,
+        e.g. a job cancellation, stops the search). ``baseline`` replaces the configured one.
+        ``details`` hold the raw mask(s), the baseline description, per-iteration objective and
+        step sizes, and the counts of images evaluated.
         """
         cfg = self.config
-        self.forward_runtime = "torch"  # what ran this run's forward-only images (line search)
+        session = self.execution.session()
         device = inputs.device
         inputs = inputs.detach().float()
         batch, _, height, width = inputs.shape
         if cfg.mask_size > min(height, width):
-            raise ExplainError("invalid_params", f"mask_size {cfg.mask_size} exceeds the input size {min(height, width)}")
-        max_batch, trials_per_batch, dtype = self._settings(device)
-        backward_batch = images_per_backward(device, self.config.max_batch)
-        with torch.no_grad():
-            logits = self.model(inputs).float()
+            raise ExplainError("invalid_parameter", f"mask_size {cfg.mask_size} exceeds the input size {min(height, width)}")
+        max_batch, backward_batch = session.images_per_forward(), session.images_per_backward()
+        trials_per_batch = min(session.trials_per_forward(), cfg.max_trials)
+        logits = session.classify(inputs)
         target_idx = resolve_targets(logits, targets)
         if baseline is None:
             base, base_info = make_baseline(inputs, cfg.baseline)
@@ -364,9 +276,8 @@ class _MaskSearch:
             leaves = [m.detach().requires_grad_(True) for m in point]
             with torch.enable_grad():
                 term_masks = self._term_masks(leaves, size)
-                values, grad_terms = self._path_scores(term_masks.detach()[None], inputs, base, target_idx, times,
-                                                       noise, dtype, backward_batch,
-                                                       grad_of=term_masks.detach()[None])
+                values, grad_terms = self._path_scores(session, term_masks.detach()[None], inputs, base, target_idx,
+                                                       times, noise, backward_batch, grad_of=term_masks.detach()[None])
                 regular = self._regulariser(leaves, inputs, edge)
                 objective = self.search_term_scale * values[0] + regular
                 surrogate = (term_masks * grad_terms[0]).sum() + regular.sum()
@@ -379,8 +290,8 @@ class _MaskSearch:
                 start_step = cfg.step_size
                 if cfg.warm_start and history_step:
                     start_step = min(cfg.step_size, float(history_step[-1].max()) / cfg.backtrack)
-                step, used = self._line_search(point, grads, objective, inputs, base, target_idx, times, noise,
-                                               edge, dtype, max_batch, trials_per_batch, endpoint, start_step,
+                step, used = self._line_search(session, point, grads, objective, inputs, base, target_idx, times,
+                                               noise, edge, max_batch, trials_per_batch, endpoint, start_step,
                                                generator)
                 counts["forward"] += used
             masks = [(p.detach() - step.view(-1, 1, 1, 1) * g).clamp_(0, 1) for p, g in zip(point, grads)]
@@ -389,7 +300,7 @@ class _MaskSearch:
             history_step.append(step)
             del leaves, term_masks, grad_terms, grads, noise
             if progress is not None:
-                progress(iteration + 1, cfg.iterations)
+                progress((iteration + 1) / cfg.iterations, f"iteration {iteration + 1}/{cfg.iterations}")
 
         final = masks[0]
         for mask in masks[1:]:
@@ -402,22 +313,23 @@ class _MaskSearch:
             # lowering the mask helps): what a tiny step moves the mask along
             "directions": {name: g[:, 0] for name, g in zip(self._mask_names(), direction)},
             "baseline": base_info,
-            "config": asdict(cfg),
+            "config": cfg.model_dump(),
             "objective": torch.stack(history_value, dim=1) if history_value else torch.empty(batch, 0),
             "step_sizes": torch.stack(history_step, dim=1) if history_step else torch.empty(batch, 0),
             "images_evaluated": counts,
-            "precision": str(dtype).replace("torch.", "") if dtype is not None else "float32",
-            "forward_runtime": self.forward_runtime,  # of the forward-only images; gradients: torch
+            "precision": session.ran("path_gradients").get("precision", "fp32"),
+            # what ran the forward-only images (line-search trials); gradients run in PyTorch
+            "forward_runtime": session.ran("path_scores").get("runtime", "torch"),
         }
-        return Explanation(self.method, normalize_maps(1 - final), logits, target_idx, None, details)
+        return Explanation(self.name, normalize_maps(1 - final), logits, target_idx, None, details)
 
     def _mask_names(self) -> list[str]:
         return ["mask"]
 
-    def _line_search(self, point: list[torch.Tensor], grads: tuple[torch.Tensor, ...], objective: torch.Tensor,
-                     inputs: torch.Tensor, base: torch.Tensor, targets: torch.Tensor, times: torch.Tensor,
-                     noise: torch.Tensor | None, edge: tuple[torch.Tensor, torch.Tensor] | None,
-                     dtype: torch.dtype | None, max_batch: int, per_batch: int,
+    def _line_search(self, session: Session, point: list[torch.Tensor], grads: tuple[torch.Tensor, ...],
+                     objective: torch.Tensor, inputs: torch.Tensor, base: torch.Tensor, targets: torch.Tensor,
+                     times: torch.Tensor, noise: torch.Tensor | None,
+                     edge: tuple[torch.Tensor, torch.Tensor] | None, max_batch: int, per_batch: int,
                      endpoint: torch.Tensor, start_step: float,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
         """Armijo backtracking per image: the largest ``s = alpha * beta^j`` (j < max_trials)
@@ -445,8 +357,8 @@ class _MaskSearch:
             reference = objective.detach()
             if not integrated or fresh:  # F(M) without the gradient's noise needs its own forwards
                 current = self._term_masks(point, size)[None]
-                values, _ = self._path_scores(current, inputs, base, targets, path_times,
-                                              draw() if fresh else None, dtype, max_batch)
+                values, _ = self._path_scores(session, current, inputs, base, targets, path_times,
+                                              draw() if fresh else None, max_batch)
                 reference = self.search_term_scale * values[0] + self._regulariser(point, inputs, edge)
                 used += len(self._terms()) * path_times.numel() * batch
             active = torch.arange(batch, device=inputs.device)
@@ -461,8 +373,8 @@ class _MaskSearch:
                 steps = torch.tensor(trials[start:start + per_batch], device=inputs.device)
                 candidates = [[(p - s * g).clamp(0, 1) for p, g in zip(sub_point, sub_grads)] for s in steps.tolist()]
                 stacked = torch.stack([self._term_masks(c, size) for c in candidates])
-                values, _ = self._path_scores(stacked, pick(inputs), pick(base), pick(targets), path_times, sub_noise,
-                                              dtype, max_batch)
+                values, _ = self._path_scores(session, stacked, pick(inputs), pick(base), pick(targets), path_times,
+                                              sub_noise, max_batch)
                 used += stacked.shape[0] * stacked.shape[1] * path_times.numel() * len(active)
                 regular = torch.stack([self._regulariser(c, pick(inputs), sub_edge) for c in candidates])
                 # projected Armijo: the decrease promised by the step actually taken after clamping
@@ -482,8 +394,9 @@ class _MaskSearch:
 class IGOS(_MaskSearch):
     """I-GOS: one deletion mask, integrated deletion gradient, L1 + TV."""
 
-    method = "igos"
+    name = "igos"
     num_masks = 1
+    description = "I-GOS (Qi et al., AAAI 2020): integrated-gradient mask optimisation"
 
     def _terms(self) -> list[tuple[int, int, float]]:
         return [(0, _DELETION, 1.0)]
@@ -492,8 +405,10 @@ class IGOS(_MaskSearch):
 class IGOSPlusPlus(_MaskSearch):
     """I-GOS++: deletion and insertion masks; the answer is their product."""
 
-    method = "igos++"
+    name = "igos++"
+    Config = IGOSPlusPlusConfig
     num_masks = 2
+    description = "I-GOS++ (Khorram et al., CHIL 2021): deletion x insertion masks, bilateral TV"
     # The reference's balance (iGOS++ paper, CHIL 2021): the descent direction halves the summed
     # gradient of the four terms, while the step is judged on their unhalved sum; its bilateral
     # TV is the mean of the mask-resolution and image-resolution parts.
@@ -508,16 +423,4 @@ class IGOSPlusPlus(_MaskSearch):
         return ["deletion", "insertion"]
 
 
-EXPLAINERS: dict[str, type[_MaskSearch]] = {"igos": IGOS, "igos++": IGOSPlusPlus}
-
-
-def make_igos(method: str, model: nn.Module, config: IGOSConfig | None = None) -> _MaskSearch:
-    """The I-GOS variant ``method`` (``igos`` or ``igos++``) for ``model``."""
-    try:
-        kind = EXPLAINERS[method]
-    except KeyError:
-        raise ExplainError("unknown_method", f"method must be one of {sorted(EXPLAINERS)}") from None
-    return kind(model, config or IGOSConfig.for_method(method))
-
-
-__all__ = ["IGOS", "IGOSConfig", "IGOSPlusPlus", "edge_weights", "make_igos"]
+__all__ = ["IGOS", "IGOSConfig", "IGOSPlusPlus", "IGOSPlusPlusConfig", "edge_weights"]

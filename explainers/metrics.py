@@ -30,12 +30,9 @@ from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from explainers.baselines import BaselineKind, make_baseline
-from explainers.batching import images_per_forward
-from explainers.fastpath import scoring_forward
-from explainers.onnx_cpu import CpuRuntime
+from explainers.execution import Execution
 
 DEFAULT_STEPS = 50
 DEFAULT_CELLS = 28  # the I-GOS papers' mask side
@@ -130,18 +127,17 @@ def _area(curves: torch.Tensor, fractions: torch.Tensor, rule: AucRule) -> torch
 
 
 @torch.no_grad()
-def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.Tensor, targets: torch.Tensor,
+def deletion_insertion(execution: Execution, inputs: torch.Tensor, saliency: torch.Tensor, targets: torch.Tensor,
                        steps: int = DEFAULT_STEPS, baseline: torch.Tensor | BaselineKind = "blur",
-                       max_batch: int | None = None, baseline_description: dict[str, Any] | None = None,
-                       unit: MetricUnit = "pixel", cells: int = DEFAULT_CELLS, auc: AucRule = "trapezoid",
-                       cpu_runtime: CpuRuntime = "auto") -> Faithfulness:
+                       baseline_description: dict[str, Any] | None = None, unit: MetricUnit = "pixel",
+                       cells: int = DEFAULT_CELLS, auc: AucRule = "trapezoid") -> Faithfulness:
     """Deletion and insertion curves of ``saliency`` (``B x h x w``, high = important).
 
     ``inputs`` is the normalised batch the model takes, ``targets`` one class per image,
     ``baseline`` a tensor like ``inputs`` (described by ``baseline_description`` in the
     protocol) or a kind for :func:`explainers.baselines.make_baseline`; ``unit``, ``cells`` and
-    ``auc`` choose the protocol (module docstring); ``cpu_runtime`` what runs the forwards on
-    a CPU (:func:`explainers.fastpath.scoring_forward`).
+    ``auc`` choose the protocol (module docstring). The images are scored in fp32 (a
+    measurement), by the execution's forward-only network.
     """
     if steps < 1:
         raise ValueError("steps must be >= 1")
@@ -159,8 +155,8 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.T
     targets = torch.as_tensor(targets, device=inputs.device).reshape(-1).expand(batch)
     points = steps + 1
     # Work list: (curve kind, step) pairs; each pair yields one image per batch element.
-    per_chunk = max(1, images_per_forward(inputs.device, max_batch) // batch)
-    network = scoring_forward(model, inputs, cpu_runtime)
+    session = execution.session()
+    per_chunk = max(1, session.images_per_forward() // batch)
     scores = []
     for start in range(0, 2 * points, per_chunk):
         entries = torch.arange(start, min(start + per_chunk, 2 * points), device=inputs.device)
@@ -176,7 +172,7 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.T
                                   mode="bilinear", align_corners=True).view(len(entries), batch, 1, height, width)
             base_share = torch.where(deleting, share, 1 - share)
             images = torch.lerp(inputs.unsqueeze(0), base.unsqueeze(0), base_share)
-        logits = network(images.flatten(0, 1).contiguous(memory_format=torch.channels_last)).float()
+        logits = session.logits(images.flatten(0, 1), exact=True)
         probabilities = logits.softmax(dim=1).gather(1, targets.repeat(len(entries))[:, None])
         scores.append(probabilities.view(len(entries), batch))
     curves = torch.cat(scores).view(2, points, batch).permute(0, 2, 1).cpu()
@@ -187,11 +183,11 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, saliency: torch.T
     return Faithfulness(curves[0], curves[1], fractions.float(), aucs[0].float(), aucs[1].float(), protocol)
 
 
-def map_metrics(model: nn.Module, inputs: torch.Tensor, saliency: torch.Tensor, targets: torch.Tensor,
-                steps: int = DEFAULT_STEPS, unit: MetricUnit = "pixel", cpu_runtime: CpuRuntime = "auto") -> dict[str, Any]:
+def map_metrics(execution: Execution, inputs: torch.Tensor, saliency: torch.Tensor, targets: torch.Tensor,
+                steps: int = DEFAULT_STEPS, unit: MetricUnit = "pixel") -> dict[str, Any]:
     """``{"deletion_auc", "insertion_auc", "protocol"}`` of one image's map (blurred baseline,
     trapezoidal AUC, ``unit`` pixels or 28 x 28 cells): what ``/v1/explain`` returns with
     ``metrics=true``."""
-    scores = deletion_insertion(model, inputs[:1], saliency[:1], targets[:1], steps=steps, baseline="blur", unit=unit,
-                                cpu_runtime=cpu_runtime)
+    scores = deletion_insertion(execution, inputs[:1], saliency[:1], targets[:1], steps=steps, baseline="blur",
+                                unit=unit)
     return scores.as_json(0, curves=False)

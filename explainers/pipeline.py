@@ -17,22 +17,22 @@ import torch
 from PIL import Image
 from torch import nn
 
-from explainers.cam import CAM, ActivationCAM, GradCAM, ScoreCAM
-from explainers.errors import ExplainError
+from explainers.execution import Execution
+from explainers.method import Method, MethodConfig, Normalization
 from explainers.metrics import MetricUnit, map_metrics
-from explainers.fastpath import EXACT, FastPath
+from explainers.registry import create
 from explainers.render import blend, encode_png, fit_within, to_uint8
 from explainers.result import Explanation
-
-SYNC_METHODS: dict[str, type[ActivationCAM]] = {"gradcam": GradCAM, "scorecam": ScoreCAM, "cam": CAM}
 
 
 class ModelHandle(Protocol):
     name: str
     module: nn.Module
+    execution: Execution
     labels: tuple[str, ...]
     preprocessor: Any
     default_layer: str | None
+    normalization: Normalization
 
 
 @dataclass
@@ -104,23 +104,10 @@ def target_prediction(logits: torch.Tensor, labels: tuple[str, ...], index: int)
     return Prediction(index, labels[index], round(float(probabilities[index]), 6))
 
 
-def make_explainer(method: str, model: ModelHandle, layer: str | None, options: dict[str, Any] | None = None,
-                   fastpath: FastPath | None = None) -> ActivationCAM:
-    """The synchronous explainer ``method`` bound to ``model`` at ``layer`` (or its default).
-
-    ``options`` are the method's own parameters (Score-CAM: ``channels``, ...); ``fastpath``
-    how its forwards run (default exact fp32 eager)."""
-    try:
-        kind = SYNC_METHODS[method]
-    except KeyError:
-        raise ExplainError("unknown_method", f"method must be one of {sorted(SYNC_METHODS)}") from None
-    chosen = layer or model.default_layer
-    if chosen is None:
-        raise ExplainError("layer_unsupported", f"model {model.name} has no layer to explain at")
-    unknown = sorted(set(options or {}) - set(kind.options))
-    if unknown:
-        raise ExplainError("invalid_parameter", f"method {method} does not take {', '.join(unknown)}")
-    return kind(model.module, chosen, fastpath=fastpath, **(options or {}))
+def make_explainer(method: str, model: ModelHandle, layer: str | None = None, config: MethodConfig | None = None,
+                   synchronous: bool = False) -> Method:
+    """The method ``method`` bound to ``model``'s execution at ``layer`` (default: the model's)."""
+    return create(method, model.execution, config, layer or model.default_layer, model.normalization, synchronous)
 
 
 def render_pictures(image: Image.Image, saliency: torch.Tensor, preprocessor: Any,
@@ -141,16 +128,17 @@ def render_pictures(image: Image.Image, saliency: torch.Tensor, preprocessor: An
 
 def explain_image(model: ModelHandle, image: Image.Image, method: str = "gradcam", target: int | None = None,
                   layer: str | None = None, top_k: int = 5, overlay_max_side: int = 1024,
-                  options: dict[str, Any] | None = None, fastpath: FastPath | None = None,
-                  metrics: MetricUnit | None = None, map_at_display_size: bool = False) -> ImageExplanation:
-    """Predict ``image`` with ``model`` and explain ``target`` (default top-1) with ``method``;
-    with ``metrics`` (a unit of :func:`explainers.metrics.deletion_insertion`) also score the map;
-    ``map_at_display_size`` renders the map PNG at the overlay's size (see :func:`render_pictures`).
+                  config: MethodConfig | None = None, metrics: MetricUnit | None = None,
+                  map_at_display_size: bool = False) -> ImageExplanation:
+    """Predict ``image`` with ``model`` and explain ``target`` (default top-1) with the
+    synchronous ``method`` and its ``config``; with ``metrics`` (a unit of
+    :func:`explainers.metrics.deletion_insertion`) also score the map; ``map_at_display_size``
+    renders the map PNG at the overlay's size (see :func:`render_pictures`).
 
     What ran (Score-CAM's mode and channel count, the precision, ...) is in
     ``result.explanation.details``."""
     started = time.perf_counter()
-    explainer = make_explainer(method, model, layer, options, fastpath)
+    explainer = make_explainer(method, model, layer, config, synchronous=True)
     inputs, _ = model.preprocessor.to_input(image)
     prepared = time.perf_counter()
     explanation = explainer.explain(inputs, target)
@@ -161,8 +149,8 @@ def explain_image(model: ModelHandle, image: Image.Image, method: str = "gradcam
     pictures = render_pictures(image, explanation.saliency[0], model.preprocessor, overlay_max_side,
                                map_at_display_size)
     finished = time.perf_counter()
-    scores = (map_metrics(model.module, inputs, explanation.saliency, explanation.targets, unit=metrics,
-                          cpu_runtime=(fastpath or EXACT).cpu_runtime) if metrics else None)
+    scores = (map_metrics(model.execution, inputs, explanation.saliency, explanation.targets, unit=metrics)
+              if metrics else None)
     return ImageExplanation(
         model=model.name,
         method=method,

@@ -23,6 +23,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from core.validation import describe_validation_errors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -117,6 +119,6 @@ def load_catalog(path: Path | None) -> dict[str, ModelSpec]:
         try:
             specs[name] = ModelSpec(name=name, **entry)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            problems = describe_validation_errors(exc.errors(), "entry")
             raise CatalogError(f"{path}: models.{name}: {problems}") from None
     return specs

@@ -1,4 +1,5 @@
-"""The warm model cache: each named model is built once, in eval mode, on one device."""
+"""The warm model cache: each named model is built once, in eval mode, on one device, with the
+execution object (:class:`explainers.execution.Execution`) that owns how its forwards run."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from explainers.execution import Execution, ExecutionPolicy
 from models.build import ModelBuildError, build_module
 from models.catalog import ModelSpec
 from models.labels import load_labels
@@ -25,10 +27,11 @@ class ModelLoadingError(RuntimeError):
 
 @dataclass
 class LoadedModel:
-    """A ready model: module, labels, preprocessing and its default explanation layer."""
+    """A ready model: module, its execution, labels, preprocessing and its default explanation layer."""
 
     spec: ModelSpec
     module: nn.Module
+    execution: Execution
     labels: tuple[str, ...]
     device: torch.device
     preprocessor: Preprocessor
@@ -39,6 +42,11 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The input normalisation's (mean, std)."""
+        return tuple(self.spec.mean), tuple(self.spec.std)
 
     @property
     def num_classes(self) -> int:
@@ -76,11 +84,17 @@ def _last_feature_map_layer(module: nn.Module, size: int) -> str | None:
 
 
 class ModelRegistry:
-    """Builds models of a catalogue on demand and keeps them warm; safe across threads."""
+    """Builds models of a catalogue on demand and keeps them warm; safe across threads.
 
-    def __init__(self, specs: dict[str, ModelSpec], device: str) -> None:
+    Each model's execution follows ``policy``; with ``policy.warmup`` it is warmed as the model
+    loads (``patch_grid``: also for patch sets on that lattice, where SAG runs)."""
+
+    def __init__(self, specs: dict[str, ModelSpec], device: str, policy: ExecutionPolicy | None = None,
+                 patch_grid: int | None = None) -> None:
         self.specs = specs
         self.device = torch.device(device)
+        self.policy = policy or ExecutionPolicy()
+        self.patch_grid = patch_grid
         self._models: dict[str, LoadedModel] = {}
         self._errors: dict[str, str] = {}
         self._locks: dict[str, threading.Lock] = {name: threading.Lock() for name in specs}
@@ -115,8 +129,11 @@ class ModelRegistry:
             raise ModelLoadingError(name)
         try:
             if name not in self._models:
-                self._models[name] = self._build(spec)
+                model = self._models[name] = self._build(spec)
                 self._errors.pop(name, None)
+                if self.policy.warmup:  # usable now (eagerly); the fast variants follow
+                    layer = model.default_layer if model.scriptable_hooks else None
+                    model.execution.warm(spec.input_size, layer, self.patch_grid)
             return self._models[name]
         except Exception as exc:
             self._errors[name] = str(exc)
@@ -144,9 +161,11 @@ class ModelRegistry:
             except AttributeError:
                 raise ModelBuildError(f"target_layer {layer!r} is not a module of {spec.name}") from None
         layers = () if scripted else tuple(name for name, _ in module.named_modules() if name)
+        execution = Execution(module, self.policy)
         return LoadedModel(
             spec=spec,
             module=module,
+            execution=execution,
             labels=labels,
             device=self.device,
             preprocessor=Preprocessor(spec, self.device),

@@ -45,7 +45,7 @@ class SlowParams(BaseModel):
 
 
 def _run_slow(model: Any, image: Any, target: int | None, params: SlowParams,
-              report: ProgressReporter) -> dict[str, Any]:
+              report: ProgressReporter, settings: Any = None) -> dict[str, Any]:
     from explainers.pipeline import explain_image
 
     for step in range(params.steps):
@@ -59,13 +59,14 @@ class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _run_boom(model: Any, image: Any, target: int | None, params: NoParams, report: ProgressReporter) -> dict:
+def _run_boom(model: Any, image: Any, target: int | None, params: NoParams, report: ProgressReporter,
+              settings: Any = None) -> dict:
     report(0.5, "about to fail")
     raise ValueError("the method's own error")
 
 
 def _run_no_picture(model: Any, image: Any, target: int | None, params: NoParams,
-                    report: ProgressReporter) -> dict:
+                    report: ProgressReporter, settings: Any = None) -> dict:
     return {"size": list(image.size)}
 
 

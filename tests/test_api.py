@@ -165,9 +165,10 @@ def test_readyz_waits_for_the_fast_path_warm_up(monkeypatch):
 
     import app.main as main
     from app.settings import load_settings
+    from explainers.execution import Execution
 
     release = threading.Event()
-    monkeypatch.setattr(main, "warm_fast_paths", lambda model, settings: release.wait(60))
+    monkeypatch.setattr(Execution, "warm", lambda self, *args, **kwargs: release.wait(60))
     monkeypatch.setenv("UNBOX_MODELS", "efficientnet_lite0")
     with TestClient(main.create_app(load_settings())) as client:
         deadline = time.monotonic() + 120

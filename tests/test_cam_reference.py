@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explainers.cam import CAM, GradCAM, ScoreCAM
+from explainers.cam import CAM, GradCAM, ScoreCAM, ScoreCAMConfig
+from explainers.execution import Execution, ExecutionPolicy
 from tests.conftest import ESPRESSO
-from workers.settings import CoreSettings
+from core.settings import CoreSettings
 
 TABBY, EGYPTIAN_CAT = 281, 285
 FAST_CHANNELS = CoreSettings.model_fields["scorecam_channels"].default  # the service's default (32)
@@ -120,7 +121,7 @@ GRADCAM_CASES = [
 def test_gradcam_equals_direct_evaluation(default_model, photos, photo, layer, target):
     """Grad-CAM = minmax(ReLU(sum_k mean_xy(d logit_t / dA_k) A_k)), the target's raw logit."""
     inputs = model_input(default_model, photos, photo)
-    ours = GradCAM(default_model.module, layer).explain(inputs, target)
+    ours = GradCAM(default_model.execution, layer=layer).explain(inputs, target)
     if target is None:
         target = int(ours.logits[0].argmax())
     assert int(ours.targets[0]) == target
@@ -141,7 +142,7 @@ def test_gradcam_relu_gives_exact_zeros_on_negative_evidence(default_model, phot
     margin = 1e-3 * float(raw.abs().max())
     negative, positive = raw < -margin, raw > margin
     assert float(negative.float().mean()) >= 0.2  # precondition: plenty of negative evidence
-    grid = GradCAM(default_model.module, layer).explain(inputs, target).saliency[0]
+    grid = GradCAM(default_model.execution, layer=layer).explain(inputs, target).saliency[0]
     assert int((grid[negative] != 0).sum()) == 0
     assert bool((grid[positive] > 0).all())
     assert float(grid.max()) == pytest.approx(1.0, abs=1e-5)
@@ -152,7 +153,7 @@ def test_gradcam_equals_direct_evaluation_on_resnet(resnet):
     inputs = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(7))
     raw, expected, _ = direct_gradcam(resnet.module, "layer3", inputs, 9)
     assert float((raw < 0).float().mean()) > 0.3  # precondition
-    ours = GradCAM(resnet.module, "layer3").explain(inputs, 9).saliency[0]
+    ours = GradCAM(resnet.execution, layer="layer3").explain(inputs, 9).saliency[0]
     assert torch.allclose(ours, expected, atol=ATOL)
     assert int((ours[raw < -1e-3 * float(raw.abs().max())] != 0).sum()) == 0
 
@@ -163,7 +164,7 @@ def test_gradcam_equals_direct_evaluation_on_resnet(resnet):
 def test_cam_equals_direct_evaluation(default_model, photos, photo, target):
     """CAM = minmax(ReLU(sum_k W[t, k] A_k)) with W the classifier's weight matrix."""
     inputs = model_input(default_model, photos, photo)
-    ours = CAM(default_model.module, "bn2").explain(inputs, target)
+    ours = CAM(default_model.execution, layer="bn2").explain(inputs, target)
     if target is None:
         target = int(ours.logits[0].argmax())
     assert int(ours.targets[0]) == target
@@ -177,7 +178,7 @@ def test_cam_equals_direct_evaluation_on_resnet(resnet):
     inputs = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(7))
     raw, expected = direct_cam(resnet.module, resnet.module.fc, "layer4", inputs, 9)
     assert float((raw < 0).float().mean()) > 0.3  # precondition
-    ours = CAM(resnet.module, "layer4").explain(inputs, 9).saliency[0]
+    ours = CAM(resnet.execution, layer="layer4").explain(inputs, 9).saliency[0]
     assert torch.allclose(ours, expected, atol=ATOL)
     assert int((ours[raw < -1e-3 * float(raw.abs().max())] != 0).sum()) == 0
 
@@ -189,7 +190,7 @@ def test_exact_scorecam_equals_direct_evaluation(default_model, photos):
     target that is not the top-1: every channel scored by its masked input's raw target logit,
     softmax over channels, ReLU. (test_scorecam.py checks the random ResNet's layer2.)"""
     inputs, target = model_input(default_model, photos, "cat_and_coffee"), ESPRESSO
-    ours = ScoreCAM(default_model.module, "blocks.1").explain(inputs, target)
+    ours = ScoreCAM(default_model.execution, layer="blocks.1").explain(inputs, target)
     assert ours.details["mode"] == "exact" and int(ours.targets[0]) == target != int(ours.logits[0].argmax())
     _, acts, _ = forward_with_activation(default_model.module, "blocks.1", inputs)
     assert float((acts < 0).float().mean()) > 0.2  # precondition: the final ReLU has work to do
@@ -223,7 +224,7 @@ def test_exact_scorecam_with_a_constant_channel_equals_direct_evaluation():
     with the zero image)."""
     model = ConstantChannel()
     inputs = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    ours = ScoreCAM(model, "conv", batch_size=4).explain(inputs, 1)
+    ours = ScoreCAM(Execution(model, ExecutionPolicy(images_per_forward=4)), layer="conv").explain(inputs, 1)
     assert ours.details["constant_channels"] == 1
     _, acts, _ = forward_with_activation(model, "conv", inputs)
     scores = channel_scores(model, inputs, acts, torch.arange(6), 1)
@@ -272,7 +273,8 @@ def test_fast_scorecam_scores_the_most_relevant_channels(default_model, photos, 
     inputs = model_input(default_model, photos, photo)
     if inputs.shape[-1] != side:
         inputs = F.interpolate(inputs, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-    ours = ScoreCAM(module, "bn2", channels=FAST_CHANNELS, ranking=ranking).explain(inputs, target)
+    ours = ScoreCAM(default_model.execution, ScoreCAMConfig(channels=FAST_CHANNELS, ranking=ranking),
+                    layer="bn2").explain(inputs, target)
     assert ours.details["mode"] == "fast" and ours.details["channels"] == FAST_CHANNELS
     if target is None:
         target = int(ours.logits[0].argmax())

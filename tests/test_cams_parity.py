@@ -51,21 +51,21 @@ def reference_maps(kind, module: torch.nn.Module, layer: str, inputs: torch.Tens
 
 def test_gradcam_matches_pytorch_grad_cam_on_resnet(resnet, chelsea):
     inputs, _ = resnet.preprocessor.to_input(chelsea)
-    ours = GradCAM(resnet.module, "layer4").explain(inputs, 281)
+    ours = GradCAM(resnet.execution, layer="layer4").explain(inputs, 281)
     reference = reference_maps(ReferenceGradCAM, resnet.module, "layer4", inputs, 281)
     assert correlation(upsampled(ours.saliency, inputs.shape[-2:]), reference) >= 0.99
 
 
 def test_gradcam_matches_pytorch_grad_cam_on_default_model(default_model, coffee):
     inputs, _ = default_model.preprocessor.to_input(coffee)
-    ours = GradCAM(default_model.module, "bn2").explain(inputs, 967)
+    ours = GradCAM(default_model.execution, layer="bn2").explain(inputs, 967)
     reference = reference_maps(ReferenceGradCAM, default_model.module, "bn2", inputs, 967)
     assert correlation(upsampled(ours.saliency, inputs.shape[-2:]), reference) >= 0.99
 
 
 def test_scorecam_matches_pytorch_grad_cam_on_default_model(default_model, chelsea):
     inputs, _ = default_model.preprocessor.to_input(chelsea)
-    ours = ScoreCAM(default_model.module, "blocks.1").explain(inputs, 285)
+    ours = ScoreCAM(default_model.execution, layer="blocks.1").explain(inputs, 285)
     assert ours.details["mode"] == "exact"
     reference = reference_maps(ReferenceScoreCAM, default_model.module, "blocks.1", inputs, 285)
     assert correlation(upsampled(ours.saliency, inputs.shape[-2:]), reference) >= 0.99
@@ -74,6 +74,6 @@ def test_scorecam_matches_pytorch_grad_cam_on_default_model(default_model, chels
 def test_scorecam_matches_pytorch_grad_cam_on_resnet(resnet):
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(1, 3, 64, 64, generator=generator)
-    ours = ScoreCAM(resnet.module, "layer2", batch_size=16).explain(inputs, 7)
+    ours = ScoreCAM(resnet.execution.with_policy(images_per_forward=16), layer="layer2").explain(inputs, 7)
     reference = reference_maps(ReferenceScoreCAM, resnet.module, "layer2", inputs, 7)
     assert correlation(upsampled(ours.saliency, (64, 64)), reference) >= 0.99

@@ -31,7 +31,7 @@ def refusal(text: str, **limits: int) -> str:
     """The message of the 422 that ``text`` gets (fails when it is accepted)."""
     with pytest.raises(ApiError) as caught:
         parse(text, **limits)
-    assert (caught.value.status, caught.value.code) == (422, "invalid_params")
+    assert (caught.value.status, caught.value.code) == (422, "invalid_parameter")
     return caught.value.message
 
 
@@ -216,9 +216,9 @@ def test_exact_scorecam_is_allowed_on_layers_within_the_cap(resnet_catalog):
     resnet = registry.get("resnet18_random")
     assert service.layer_channels(resnet, "layer1") == 64 and service.layer_channels(resnet, "layer4") == 512
     assert service.layer_channels(resnet, "layer3.1.conv2") == 256
-    assert service.method_options("scorecam", "all", resnet, "layer3")["channels"] is None
+    assert service.method_config("scorecam", "all", resnet, "layer3").channels is None
     with pytest.raises(ApiError) as caught:
-        service.method_options("scorecam", "all", resnet, "layer4")
+        service.method_config("scorecam", "all", resnet, "layer4")
     assert caught.value.code == "too_costly"
     with pytest.raises(ApiError) as caught:
         service.layer_channels(resnet, "fc")  # no feature map: the explainer's own 422

@@ -11,8 +11,10 @@ from torch import nn
 from explainers.baselines import BlurSpec, gaussian_blur, make_baseline
 from explainers.cam import GradCAM
 from explainers.errors import ExplainError
-from explainers.igos import IGOS, IGOSConfig, IGOSPlusPlus, edge_weights, make_igos
+from explainers.execution import Execution, ExecutionPolicy
+from explainers.igos import IGOS, IGOSConfig, IGOSPlusPlus, IGOSPlusPlusConfig, edge_weights
 from explainers.metrics import deletion_insertion
+from explainers.registry import create
 from tests.conftest import ESPRESSO, left_right_mass
 
 SIDE = 32
@@ -35,7 +37,13 @@ def _tiny_case():
     return QuadrantModel(), inputs, torch.zeros_like(inputs)
 
 
-TINY = dict(mask_size=8, iterations=6, steps=4, tv=2.0, step_size=100.0, max_batch=64)  # TV scaled to 8 x 8
+TINY = dict(mask_size=8, iterations=6, steps=4, tv=2.0, step_size=100.0)  # TV scaled to 8 x 8
+TINY_POLICY = ExecutionPolicy(images_per_forward=64)
+
+
+def tiny(model: nn.Module, **changes: object) -> Execution:
+    """The hand-built model's execution: 64 images per forward (``changes``: other policy fields)."""
+    return Execution(model, TINY_POLICY.with_changes(**changes))
 
 
 # -- baselines ----------------------------------------------------------------------------------
@@ -57,8 +65,8 @@ def test_blur_kernel_scales_with_input_size():
 @pytest.mark.parametrize("kind", [IGOS, IGOSPlusPlus])
 def test_mask_finds_the_only_region_that_matters(kind):
     model, inputs, baseline = _tiny_case()
-    config = IGOSConfig.for_method(kind.method, **TINY)
-    result = kind(model, config).explain(inputs, 0, baseline=baseline)
+    config = kind.Config(**TINY)
+    result = kind(tiny(model), config).explain(inputs, 0, baseline=baseline)
     mask = result.details["mask"][0]
     assert mask.shape == (8, 8)
     inside, outside = mask[:4, :4], torch.ones_like(mask, dtype=torch.bool)
@@ -74,11 +82,11 @@ def test_mask_finds_the_only_region_that_matters(kind):
 def test_seeded_runs_repeat_exactly_and_seeds_matter():
     model, inputs, baseline = _tiny_case()
     short = {**TINY, "iterations": 3}
-    config = IGOSConfig.for_method("igos++", **short)
-    first = IGOSPlusPlus(model, config).explain(inputs, 0, baseline=baseline)
-    second = IGOSPlusPlus(model, config).explain(inputs, 0, baseline=baseline)
+    config = IGOSPlusPlusConfig(**short)
+    first = IGOSPlusPlus(tiny(model), config).explain(inputs, 0, baseline=baseline)
+    second = IGOSPlusPlus(tiny(model), config).explain(inputs, 0, baseline=baseline)
     assert torch.equal(first.details["mask"], second.details["mask"])
-    other = IGOSPlusPlus(model, IGOSConfig.for_method("igos++", **{**short, "seed": 7})).explain(
+    other = IGOSPlusPlus(tiny(model), IGOSPlusPlusConfig(**{**short, "seed": 7})).explain(
         inputs, 0, baseline=baseline)
     assert not torch.equal(first.details["mask"], other.details["mask"])
 
@@ -88,11 +96,11 @@ def test_seeded_runs_repeat_exactly_on_the_real_model_with_two_threads(default_m
     adds (index_put_ with repeated indices) summed in thread order and seeded masks differed in
     the last bits, then more with every accepted step; the sums now run in a fixed order."""
     inputs, _ = default_model.preprocessor.to_input(chelsea)
-    config = IGOSConfig.cpu_preset("igos++", iterations=2, steps=3)
+    config = IGOSPlusPlusConfig.cpu_preset(iterations=2, steps=3)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        runs = [IGOSPlusPlus(default_model.module, config).explain(inputs, None) for _ in range(2)]
+        runs = [IGOSPlusPlus(default_model.execution, config).explain(inputs, None) for _ in range(2)]
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(runs[0].details["mask"], runs[1].details["mask"])
@@ -102,17 +110,17 @@ def test_seeded_runs_repeat_exactly_on_the_real_model_with_two_threads(default_m
 def test_nesterov_and_endpoint_options_run_and_find_the_region():
     model, inputs, baseline = _tiny_case()
     for overrides in ({"optimizer": "nesterov", "step_size": 1.0}, {"line_search_objective": "endpoint"}):
-        config = IGOSConfig.for_method("igos++", **{**TINY, **overrides})
-        mask = IGOSPlusPlus(model, config).explain(inputs, 0, baseline=baseline).details["mask"][0]
+        config = IGOSPlusPlusConfig(**{**TINY, **overrides})
+        mask = IGOSPlusPlus(tiny(model), config).explain(inputs, 0, baseline=baseline).details["mask"][0]
         assert float(mask[:4, :4].mean()) < float(mask[4:, 4:].mean()) - 0.2, overrides
 
 
 def test_fresh_line_search_noise_is_seeded_and_costs_one_more_path_per_iteration():
     model, inputs, baseline = _tiny_case()
-    shared_config = IGOSConfig.for_method("igos++", **{**TINY, "iterations": 3})
-    fresh_config = IGOSConfig.for_method("igos++", **{**TINY, "iterations": 3, "line_search_noise": "fresh"})
-    shared = IGOSPlusPlus(model, shared_config).explain(inputs, 0, baseline=baseline)
-    fresh = [IGOSPlusPlus(model, fresh_config).explain(inputs, 0, baseline=baseline) for _ in range(2)]
+    shared_config = IGOSPlusPlusConfig(**{**TINY, "iterations": 3})
+    fresh_config = IGOSPlusPlusConfig(**{**TINY, "iterations": 3, "line_search_noise": "fresh"})
+    shared = IGOSPlusPlus(tiny(model), shared_config).explain(inputs, 0, baseline=baseline)
+    fresh = [IGOSPlusPlus(tiny(model), fresh_config).explain(inputs, 0, baseline=baseline) for _ in range(2)]
     assert torch.equal(fresh[0].details["mask"], fresh[1].details["mask"])  # drawn from the seeded generator
     # the line search's draws come from the same generator, so later iterations see other noise
     assert not torch.equal(fresh[0].details["objective"], shared.details["objective"])
@@ -125,29 +133,34 @@ def test_fresh_line_search_noise_is_seeded_and_costs_one_more_path_per_iteration
 def test_lean_network_by_default_and_the_network_as_loaded_when_asked(default_model, chelsea):
     inputs, _ = default_model.preprocessor.to_input(chelsea)
     module = default_model.module
-    auto = IGOSPlusPlus(module, IGOSConfig.for_method("igos++"))
-    lean = auto._network(inputs, None)
+    execution = default_model.execution  # the policy's network: auto
+    lean = execution._path_network(inputs)[0]
+    assert lean is execution.folded_network(inputs)
     assert lean is not module and not any(isinstance(m, nn.BatchNorm2d) for m in lean.modules())
-    assert auto._network(inputs, torch.bfloat16) is lean
-    assert IGOSPlusPlus(module, IGOSConfig.for_method("igos++", network="lean"))._network(inputs, None) is lean
-    as_loaded = IGOSPlusPlus(module, IGOSConfig.for_method("igos++", network="as_loaded"))
-    loaded = as_loaded._network(inputs, torch.bfloat16)  # on a CPU: the same arithmetic, layers swapped
+    assert execution.with_policy(precision="bf16")._path_network(inputs)[0] is lean
+    assert execution.with_policy(network="folded")._path_network(inputs)[0] is lean
+    as_loaded = execution.with_policy(network="as_loaded")
+    loaded = as_loaded.with_policy(precision="bf16")._path_network(inputs)[0]  # on a CPU: the same arithmetic, layers swapped
+    assert loaded is execution.same_arithmetic_network(inputs)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in loaded.modules()) == sum(
         isinstance(m, nn.BatchNorm2d) for m in module.modules())
     with torch.no_grad():
         assert torch.equal(loaded(inputs), module(inputs))
     # same optimisation, another summation order: a different mask, close to the other
-    config = IGOSConfig.cpu_preset("igos++", iterations=2, mask_size=7)
-    masks = [IGOSPlusPlus(module, replace(config, network=n)).explain(inputs).details["mask"] for n in ("auto", "as_loaded")]
+    config = IGOSPlusPlusConfig.cpu_preset(iterations=2, mask_size=7)
+    masks = [IGOSPlusPlus(execution.with_policy(network=n), config).explain(inputs).details["mask"]
+             for n in ("auto", "as_loaded")]
     assert not torch.equal(*masks) and torch.allclose(*masks, atol=0.2)
 
 
 def test_compile_acts_on_cuda_only_and_falls_back_to_eager(caplog):
-    from explainers.fastpath import CompiledOrEager
+    from explainers.execution.cuda import CompiledOrEager
 
-    model, inputs, _ = _tiny_case()
-    explainer = IGOSPlusPlus(model, IGOSConfig.for_method("igos++", **TINY, compile=True))
-    assert explainer._network(inputs, None) is model  # a CPU: the network itself, never compiled
+    model, inputs, baseline = _tiny_case()
+    execution = tiny(model, compile=True)
+    assert execution._path_network(inputs)[0] is model  # a CPU: the network itself, never compiled
+    IGOSPlusPlus(execution, IGOSPlusPlusConfig(**{**TINY, "iterations": 1})).explain(inputs, 0, baseline=baseline)
+    assert not execution._variants.compiled  # nothing was wrapped in torch.compile on the CPU
     wrapper = CompiledOrEager(model)
 
     def broken(_images: torch.Tensor) -> torch.Tensor:
@@ -160,47 +173,54 @@ def test_compile_acts_on_cuda_only_and_falls_back_to_eager(caplog):
 
 def test_progress_is_reported_per_iteration_and_can_stop_the_search():
     model, inputs, baseline = _tiny_case()
-    calls: list[tuple[int, int]] = []
-    IGOS(model, IGOSConfig(**TINY)).explain(inputs, 0, progress=lambda d, t: calls.append((d, t)), baseline=baseline)
-    assert calls == [(i, TINY["iterations"]) for i in range(1, TINY["iterations"] + 1)]
+    calls: list[tuple[float, str]] = []
+    IGOS(tiny(model), IGOSConfig(**TINY)).explain(inputs, 0, progress=lambda f, s: calls.append((f, s)),
+                                                  baseline=baseline)
+    total = TINY["iterations"]
+    assert calls == [(i / total, f"iteration {i}/{total}") for i in range(1, total + 1)]
 
     class Stop(Exception):
         pass
 
-    def stop_at_two(done: int, total: int) -> None:
-        if done == 2:
+    seen: list[str] = []
+
+    def stop_at_two(fraction: float, stage: str) -> None:
+        seen.append(stage)
+        if stage == f"iteration 2/{total}":
             raise Stop
 
     with pytest.raises(Stop):
-        IGOS(model, IGOSConfig(**TINY)).explain(inputs, 0, progress=stop_at_two, baseline=baseline)
+        IGOS(tiny(model), IGOSConfig(**TINY)).explain(inputs, 0, progress=stop_at_two, baseline=baseline)
+    assert seen == ["iteration 1/6", "iteration 2/6"]  # stopped there
 
 
 def test_invalid_parameters_are_refused():
     with pytest.raises(ExplainError):
         IGOSConfig(steps=0)
     with pytest.raises(ExplainError):
-        make_igos("igos3", nn.Identity())
+        create("igos3", Execution(nn.Identity()))
     model, inputs, _ = _tiny_case()
+    with pytest.raises(ExplainError, match="exceeds the input size") as refused:
+        IGOS(tiny(model), IGOSConfig(mask_size=64)).explain(inputs, 0)
+    assert refused.value.code == "invalid_parameter"
     with pytest.raises(ExplainError):
-        IGOS(model, IGOSConfig(mask_size=64)).explain(inputs, 0)
-    with pytest.raises(ExplainError):
-        IGOS(model, IGOSConfig(**TINY)).explain(inputs, 5)
+        IGOS(tiny(model), IGOSConfig(**TINY)).explain(inputs, 5)
 
 
 def test_reference_defaults():
-    igos, pp = IGOSConfig.for_method("igos"), IGOSConfig.for_method("igos++")
+    igos, pp = IGOSConfig(), IGOSPlusPlusConfig()
     assert (igos.mask_size, igos.iterations, igos.steps, igos.l1, igos.tv, igos.bilateral_tv) == (28, 15, 20, 1, 20, False)
     assert (pp.mask_size, pp.iterations, pp.steps, pp.l1, pp.tv, pp.bilateral_tv) == (28, 20, 15, 1, 20, True)
     assert (pp.step_size, pp.backtrack, pp.armijo, pp.noise) == (1000.0, 0.2, 1e-4, 0.2)
-    cpu = IGOSConfig.cpu_preset("igos++")
+    cpu = IGOSPlusPlusConfig.cpu_preset()
     assert cpu.iterations * cpu.steps < pp.iterations * pp.steps and cpu.bilateral_tv
 
 
 def test_chunk_size_does_not_change_the_result():
     model, inputs, baseline = _tiny_case()
     short = {**TINY, "iterations": 3}
-    whole = IGOSPlusPlus(model, IGOSConfig.for_method("igos++", **short)).explain(inputs, 0, baseline=baseline)
-    chunked = IGOSPlusPlus(model, IGOSConfig.for_method("igos++", **{**short, "max_batch": 3})).explain(
+    whole = IGOSPlusPlus(tiny(model), IGOSPlusPlusConfig(**short)).explain(inputs, 0, baseline=baseline)
+    chunked = IGOSPlusPlus(tiny(model, images_per_forward=3), IGOSPlusPlusConfig(**short)).explain(
         inputs, 0, baseline=baseline)
     assert torch.allclose(whole.details["mask"], chunked.details["mask"], atol=1e-5)
 
@@ -208,8 +228,8 @@ def test_chunk_size_does_not_change_the_result():
 def test_igos_pp_regulariser_is_the_papers_bilateral_tv():
     """L1 * mean|1 - M| + TV * (TV(M) + BTV(up(M))) / 2 on the product mask, where a flat image
     makes every bilateral weight 1 (the mean of the two TV parts, as the I-GOS++ paper has it)."""
-    config = IGOSConfig.for_method("igos++", mask_size=4, l1=0.5, tv=3.0)
-    search = IGOSPlusPlus(torch.nn.Identity(), config)
+    config = IGOSPlusPlusConfig(mask_size=4, l1=0.5, tv=3.0)
+    search = IGOSPlusPlus(Execution(torch.nn.Identity()), config)
     deletion = torch.ones(1, 1, 4, 4)
     deletion[..., :, :2] = 0.25
     insertion = torch.full((1, 1, 4, 4), 0.8)
@@ -228,7 +248,7 @@ def test_igos_pp_regulariser_is_the_papers_bilateral_tv():
 # -- the real model on the sample photos --------------------------------------------------------
 
 # The CPU preset, trimmed further for the test budget (the test's point is the ranking).
-PHOTO_CONFIG = IGOSConfig.cpu_preset("igos++", iterations=5, steps=3)
+PHOTO_CONFIG = IGOSPlusPlusConfig.cpu_preset(iterations=5, steps=3)
 METRIC_STEPS = 10
 
 
@@ -238,7 +258,7 @@ def photo_batch(default_model, chelsea, coffee):
     inputs = torch.cat([default_model.preprocessor.to_input(image)[0] for image in (chelsea, coffee)])
     targets = default_model.logits(inputs).argmax(1)
     baseline, _ = make_baseline(inputs, "blur")
-    explanation = IGOSPlusPlus(default_model.module, PHOTO_CONFIG).explain(inputs, targets, baseline=baseline)
+    explanation = IGOSPlusPlus(default_model.execution, PHOTO_CONFIG).explain(inputs, targets, baseline=baseline)
     return inputs, targets, baseline, explanation
 
 
@@ -247,8 +267,8 @@ def test_espresso_mask_lies_on_the_cup(default_model, cat_and_coffee):
     ~300x smaller than on a photo of a cup: L1 and TV are scaled down by the same factor (with the
     papers' 1 and 20 the regulariser outweighs the score and the mask does not move)."""
     inputs, _ = default_model.preprocessor.to_input(cat_and_coffee)
-    config = IGOSConfig.cpu_preset("igos++", iterations=6, steps=4, l1=0.01, tv=0.2)
-    explanation = IGOSPlusPlus(default_model.module, config).explain(inputs, ESPRESSO)
+    config = IGOSPlusPlusConfig.cpu_preset(iterations=6, steps=4, l1=0.01, tv=0.2)
+    explanation = IGOSPlusPlus(default_model.execution, config).explain(inputs, ESPRESSO)
     mask = explanation.details["mask"][0]
     assert float(mask.min()) < 0.5  # the mask did move
     _, right = left_right_mass(explanation.saliency[0].numpy())
@@ -267,11 +287,12 @@ def test_igos_pp_beats_gradcam_and_a_random_map(default_model, photo_batch):
     the reference settings).
     """
     inputs, targets, baseline, explanation = photo_batch
-    gradcam = GradCAM(default_model.module, default_model.default_layer).explain(inputs, targets)
+    gradcam = GradCAM(default_model.execution, layer=default_model.default_layer).explain(inputs, targets)
     random_maps = torch.rand(len(inputs), 28, 28, generator=torch.Generator().manual_seed(0))
     scored = {}
     for name, saliency in (("igos++", explanation.saliency), ("gradcam", gradcam.saliency), ("random", random_maps)):
-        scored[name] = deletion_insertion(default_model.module, inputs, saliency, targets,
+        scored[name] = deletion_insertion(default_model.execution, inputs, saliency, targets,
+
                                           steps=METRIC_STEPS, baseline=baseline)
     ours, cam, rand = scored["igos++"], scored["gradcam"], scored["random"]
     assert (ours.deletion_auc < cam.deletion_auc).all(), (ours.deletion_auc, cam.deletion_auc)
@@ -284,18 +305,20 @@ def test_igos_pp_beats_gradcam_and_a_random_map(default_model, photo_batch):
 def test_job_params_default_to_the_papers_and_take_the_cpu_preset():
     from pydantic import ValidationError
 
-    from workers.method_igos import IGOSParams, IGOSPlusPlusParams
+    from workers.method_igos import mask_config
     from workers.methods import get_method
 
-    assert get_method("igos").params is IGOSParams and get_method("igos++").params is IGOSPlusPlusParams
-    assert IGOSPlusPlusParams().to_config() == IGOSConfig.for_method("igos++")
-    assert IGOSParams().to_config() == IGOSConfig.for_method("igos")
-    cpu = IGOSPlusPlusParams(preset="cpu", iterations=3).to_config()
-    assert cpu == IGOSConfig.cpu_preset("igos++", iterations=3)
+    IGOSParams, IGOSPlusPlusParams = get_method("igos").params, get_method("igos++").params
+    # the job params are derived from the methods' configs (one set of defaults and bounds)
+    assert issubclass(IGOSParams, IGOSConfig) and issubclass(IGOSPlusPlusParams, IGOSPlusPlusConfig)
+    assert mask_config(IGOSPlusPlus, IGOSPlusPlusParams.model_validate({})) == IGOSPlusPlusConfig()
+    assert mask_config(IGOS, IGOSParams.model_validate({})) == IGOSConfig()
+    cpu = mask_config(IGOSPlusPlus, IGOSPlusPlusParams.model_validate({"preset": "cpu", "iterations": 3}))
+    assert cpu == IGOSPlusPlusConfig.cpu_preset(iterations=3)
     with pytest.raises(ValidationError):
-        IGOSPlusPlusParams(unknown=1)
+        IGOSPlusPlusParams.model_validate({"unknown": 1})
     with pytest.raises(ValidationError):
-        IGOSParams(steps=0)
+        IGOSParams.model_validate({"steps": 0})
 
 
 JOB_PARAMS = dict(preset="cpu", mask_size=7, iterations=2, steps=2, optimizer="nesterov", step_size=1.0, metric_steps=4)
@@ -307,14 +330,19 @@ def test_job_runs_directly_with_a_fake_reporter(default_model, chelsea, monkeypa
 
     from PIL import Image
 
-    from workers.method_igos import IGOSPlusPlusParams
+    from core.settings import load_core_settings
     from workers.methods import get_method
 
     monkeypatch.setenv("UNBOX_FAST_COMPILE", "true")  # workers' switch reaches the explainer (a no-op on a CPU)
+    settings = load_core_settings()
+    policy = settings.execution_policy()  # what a worker's models run under
+    model = replace(default_model, execution=default_model.execution.with_policy(compile=policy.compile))
     method = get_method("igos++")
     reports: list[tuple[float, str]] = []
-    params = IGOSPlusPlusParams(**JOB_PARAMS, metric_unit="cell", metric_cells=7, metric_auc="right")
-    result = method.run(default_model, chelsea, None, params, lambda fraction, stage: reports.append((fraction, stage)))
+    params = method.params.model_validate({**JOB_PARAMS, "metric_unit": "cell", "metric_cells": 7,
+                                           "metric_auc": "right"})
+    result = method.run(model, chelsea, None, params, lambda fraction, stage: reports.append((fraction, stage)),
+                        settings)
     fractions = [f for f, _ in reports]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert [s for _, s in reports if s.startswith("iteration")] == ["iteration 1/2", "iteration 2/2"]
@@ -328,12 +356,13 @@ def test_job_runs_directly_with_a_fake_reporter(default_model, chelsea, monkeypa
     assert "right Riemann" in metrics["protocol"]["auc"] and result["params"]["metric_auc"] == "right"
     assert 0.0 <= metrics["deletion_auc"] <= 1.0 and 0.0 <= metrics["insertion_auc"] <= 1.0
     assert result["params"]["iterations"] == 2 and result["params"]["warm_start"] is True
-    assert result["params"]["compile"] is True and result["params"]["network"] == "auto"
+    assert model.execution.policy.compile is True and model.execution.policy.network == "auto"
+    assert not model.execution._variants.compiled  # a no-op on a CPU: nothing compiled
     assert result["timing_ms"]["total"] > 0
 
 
 def test_job_stops_when_the_reporter_says_canceled(default_model, chelsea):
-    from workers.method_igos import IGOSParams
+    from core.settings import load_core_settings
     from workers.methods import JobCanceled, get_method
 
     seen: list[str] = []
@@ -344,5 +373,8 @@ def test_job_stops_when_the_reporter_says_canceled(default_model, chelsea):
             raise JobCanceled
 
     with pytest.raises(JobCanceled):
-        get_method("igos").run(default_model, chelsea, None, IGOSParams(**JOB_PARAMS), reporter)
+        method = get_method("igos")
+        method.run(default_model, chelsea, None, method.params.model_validate(JOB_PARAMS), reporter,
+                   load_core_settings())
+
     assert seen[-1] == "iteration 1/2" and not any(s.startswith("scoring") for s in seen)

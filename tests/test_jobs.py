@@ -240,12 +240,12 @@ def test_bad_submissions_are_4xx_and_unknown_or_expired_ids_404(stack: Stack, sm
             ({"method": "nope"}, "unknown_method"),
             ({"method": "gradcam", "model": "nope"}, "unknown_model"),
             ({"method": "gradcam", "target": "1000"}, "invalid_target"),
-            ({"method": "gradcam", "params": "{not json"}, "invalid_params"),
-            ({"method": "gradcam", "params": "[1]"}, "invalid_params"),
-            ({"method": "gradcam", "params": '{"top_k": 0}'}, "invalid_params"),
-            ({"method": "gradcam", "params": '{"unknown": 1}'}, "invalid_params"),
+            ({"method": "gradcam", "params": "{not json"}, "invalid_parameter"),
+            ({"method": "gradcam", "params": "[1]"}, "invalid_parameter"),
+            ({"method": "gradcam", "params": '{"top_k": 0}'}, "invalid_parameter"),
+            ({"method": "gradcam", "params": '{"unknown": 1}'}, "invalid_parameter"),
             ({"method": "gradcam", "params": '{"layer": "no.such.module"}'}, "unknown_layer"),
-            ({"method": "slow", "params": '{"steps": -1}'}, "invalid_params"),
+            ({"method": "slow", "params": '{"steps": -1}'}, "invalid_parameter"),
             ({"method": "gradcam", "callback_url": "ftp://x"}, "invalid_callback_url"),
         ]
         for form, code in cases:
@@ -428,7 +428,7 @@ def test_every_job_answer_has_a_test(stack: Stack, small_cat: bytes) -> None:
 
         deep = '{"a":' + "[" * 5000 + "]" * 5000 + "}"
         response = submit(client, small_cat, params=deep)
-        assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_params"
+        assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_parameter"
         assert "deep" in response.json()["error"]["message"]
         assert client.get("/healthz").status_code == 200  # the same keep-alive connection still serves
 

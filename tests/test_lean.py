@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from explainers.fastpath import private_copy
-from explainers.lean import fold_batch_norms, lean_network
+from explainers.execution import Execution, ExecutionPolicy
+from explainers.execution.lean import fold_batch_norms
 
 
 def batch_norms(module: nn.Module) -> int:
@@ -52,7 +52,7 @@ def test_a_model_folding_would_change_is_scored_as_it_is():
     model = SharedConvOutput()
     example = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     assert fold_batch_norms(model, example) is None
-    assert lean_network(model, example) is model
+    assert Execution(model).folded_network(example) is model
 
 
 class TF32Probe(nn.Module):
@@ -84,15 +84,19 @@ def test_the_fold_check_compares_in_full_float32_and_restores_tf32():
 def test_lean_copy_is_cached_per_model():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten()).eval()
     example = torch.randn(1, 3, 6, 6, generator=torch.Generator().manual_seed(2))
-    first = lean_network(model, example)
+    execution = Execution(model)
+    first = execution.folded_network(example)
     assert first is not model and batch_norms(first) == 0
-    assert lean_network(model, torch.randn(5, 3, 6, 6)) is first
+    assert execution.folded_network(torch.randn(5, 3, 6, 6)) is first
+    assert execution.with_policy(precision="bf16").folded_network(example) is first  # views share the copy
     with torch.no_grad():
         assert torch.allclose(first(example), model(example), atol=1e-5)
 
 
-@pytest.mark.parametrize("make_copy", [lambda model, example: lean_network(model, example),
-                                       lambda model, example: private_copy(model, False)], ids=["lean", "private"])
+@pytest.mark.parametrize("make_copy", [
+    lambda model, example: Execution(model).folded_network(example),
+    lambda model, example: Execution(model, ExecutionPolicy(channels_last=False)).private_copy()],
+    ids=["lean", "private"])
 def test_a_copy_made_under_inference_mode_still_serves_autograd(make_copy):
     """The first caller may be inside torch.inference_mode (SAG, Score-CAM); a cached copy must
     not be made of inference tensors, or a later caller tracking gradients (I-GOS) would fail."""
@@ -106,7 +110,7 @@ def test_a_copy_made_under_inference_mode_still_serves_autograd(make_copy):
     assert inputs.grad is not None and torch.isfinite(inputs.grad).all()
 
 
-# -- layer swaps (explainers.lean_layers) ------------------------------------------------------
+# -- layer swaps (explainers.execution.lean_layers) --------------------------------------------
 @pytest.mark.parametrize("kernel,stride,groups", [(3, 2, 6), (5, 2, 6), (3, 2, 1), (3, 1, 6), (5, 1, 1)])
 @pytest.mark.parametrize("size", [(8, 8), (9, 9), (8, 11), (7, 10)])
 def test_shifted_same_conv_equals_the_padded_same_conv(kernel, stride, groups, size):
@@ -114,7 +118,7 @@ def test_shifted_same_conv_equals_the_padded_same_conv(kernel, stride, groups, s
     padded convolution reads (stride 2 on an even side pads one more after than before)."""
     from timm.layers import Conv2dSame
 
-    from explainers.lean_layers import ShiftedSameConv
+    from explainers.execution.lean_layers import ShiftedSameConv
 
     torch.manual_seed(3)
     same = Conv2dSame(6, 6, kernel, stride=stride, groups=groups).eval().requires_grad_(False)
@@ -133,7 +137,7 @@ def test_shifted_same_conv_equals_the_padded_same_conv(kernel, stride, groups, s
 
 
 def test_grad_aware_hardtanh_is_in_place_only_without_autograd():
-    from explainers.lean_layers import GradAwareHardtanh
+    from explainers.execution.lean_layers import GradAwareHardtanh
 
     act = GradAwareHardtanh(0.0, 6.0)
     x = torch.linspace(-3, 9, 25)
@@ -152,7 +156,7 @@ def test_grad_aware_hardtanh_is_in_place_only_without_autograd():
 def test_default_models_cpu_lean_copy_pads_through_kernels_and_keeps_its_logits(default_model, chelsea):
     from timm.layers import Conv2dSame
 
-    from explainers.lean_layers import GradAwareHardtanh, ShiftedSameConv
+    from explainers.execution.lean_layers import GradAwareHardtanh, ShiftedSameConv
 
     inputs, _ = default_model.preprocessor.to_input(chelsea)
     lean = fold_batch_norms(default_model.module, inputs, pad_in_kernels=True)
@@ -168,9 +172,8 @@ def test_default_models_cpu_lean_copy_pads_through_kernels_and_keeps_its_logits(
 def test_same_arithmetic_copy_keeps_the_loaded_networks_logits_bit_for_bit(default_model, chelsea):
     """SAG's coarse ordering hangs on float rounding, so its copy swaps layers only where the
     arithmetic stays the model's own: batch norm unfolded, logits identical to the last bit."""
-    from explainers.fastpath import network_for
-    from explainers.lean import same_arithmetic_copy
-    from explainers.lean_layers import ShiftedSameConv
+    from explainers.execution.lean import same_arithmetic_copy
+    from explainers.execution.lean_layers import ShiftedSameConv
 
     inputs, _ = default_model.preprocessor.to_input(chelsea)
     twin = same_arithmetic_copy(default_model.module, inputs)
@@ -178,5 +181,5 @@ def test_same_arithmetic_copy_keeps_the_loaded_networks_logits_bit_for_bit(defau
     assert sum(isinstance(m, ShiftedSameConv) for m in twin.modules()) == 5
     with torch.no_grad():
         assert torch.equal(twin(inputs), default_model.module(inputs))
-    network = network_for(default_model.module, inputs, lean=False)
+    network = default_model.execution.same_arithmetic_network(inputs)
     assert network is not default_model.module and batch_norms(network) == batch_norms(default_model.module)

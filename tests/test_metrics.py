@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from explainers.execution import Execution
 from explainers.metrics import deletion_insertion, pixel_order
 
 SIDE = 10          # 10 x 10 = 100 pixels
@@ -32,12 +33,12 @@ def case():
     region = torch.zeros(SIDE, SIDE)
     region[:REGION_ROWS] = 1.0
     perfect, reversed_ = region.clone(), 1.0 - region
-    return RegionModel(), inputs, baseline, torch.stack([perfect, reversed_]), torch.tensor([0, 0])
+    return Execution(RegionModel()), inputs, baseline, torch.stack([perfect, reversed_]), torch.tensor([0, 0])
 
 
 def test_known_aucs_for_perfect_and_reversed_maps(case):
-    model, inputs, baseline, maps, targets = case
-    scores = deletion_insertion(model, inputs, maps, targets, steps=10, baseline=baseline)
+    execution, inputs, baseline, maps, targets = case
+    scores = deletion_insertion(execution, inputs, maps, targets, steps=10, baseline=baseline)
     # perfect map: deletion falls 1 -> 0 over the first 30 %, insertion rises over it
     assert scores.deletion_curve[0].tolist() == pytest.approx([1, 2 / 3, 1 / 3] + [0] * 8, abs=1e-6)
     assert scores.insertion_curve[0].tolist() == pytest.approx([0, 1 / 3, 2 / 3] + [1] * 8, abs=1e-6)
@@ -48,9 +49,9 @@ def test_known_aucs_for_perfect_and_reversed_maps(case):
 
 def test_ties_keep_raster_order(case):
     """A constant map must remove pixels in raster order (stable sort): top rows first."""
-    model, inputs, baseline, _, targets = case
+    execution, inputs, baseline, _, targets = case
     flat = torch.full((1, SIDE, SIDE), 0.5)
-    scores = deletion_insertion(model, inputs[:1], flat, targets[:1], steps=10, baseline=baseline[:1])
+    scores = deletion_insertion(execution, inputs[:1], flat, targets[:1], steps=10, baseline=baseline[:1])
     assert float(scores.deletion_auc[0]) == pytest.approx(0.15, abs=1e-6)
     ranks = pixel_order(flat, (SIDE, SIDE))[0]
     assert torch.equal(ranks, torch.arange(SIDE * SIDE))
@@ -59,8 +60,8 @@ def test_ties_keep_raster_order(case):
 def test_last_step_covers_every_pixel_when_steps_do_not_divide(case):
     """7 steps over 100 pixels: 0, 14, 29, 43, 57, 71, 86, 100 pixels; the last point is the
     baseline (deletion) and the full image (insertion), and the AUC uses those fractions."""
-    model, inputs, baseline, maps, targets = case
-    scores = deletion_insertion(model, inputs, maps, targets, steps=7, baseline=baseline)
+    execution, inputs, baseline, maps, targets = case
+    scores = deletion_insertion(execution, inputs, maps, targets, steps=7, baseline=baseline)
     counts = [0, 14, 29, 43, 57, 71, 86, 100]
     assert scores.fractions.tolist() == pytest.approx([c / 100 for c in counts])
     expected = [max(0.0, 1 - c / 30) for c in counts]
@@ -72,22 +73,24 @@ def test_last_step_covers_every_pixel_when_steps_do_not_divide(case):
 
 
 def test_chunking_and_resampling_do_not_change_results(case):
-    model, inputs, baseline, maps, targets = case
-    whole = deletion_insertion(model, inputs, maps, targets, steps=10, baseline=baseline, max_batch=64)
-    chunked = deletion_insertion(model, inputs, maps, targets, steps=10, baseline=baseline, max_batch=3)
+    execution, inputs, baseline, maps, targets = case
+    whole = deletion_insertion(execution.with_policy(images_per_forward=64), inputs, maps, targets, steps=10,
+                               baseline=baseline)
+    chunked = deletion_insertion(execution.with_policy(images_per_forward=3), inputs, maps, targets, steps=10,
+                                 baseline=baseline)
     assert torch.equal(whole.deletion_curve, chunked.deletion_curve)
     assert torch.equal(whole.insertion_curve, chunked.insertion_curve)
     # a coarse 5 x 5 map, high on its top row, is resampled to 10 x 10 and still finds the region
     coarse = torch.zeros(1, 5, 5)
     coarse[0, 0] = 1.0
     coarse[0, 1] = 0.5
-    scores = deletion_insertion(model, inputs[:1], coarse, targets[:1], steps=10, baseline=baseline[:1])
+    scores = deletion_insertion(execution, inputs[:1], coarse, targets[:1], steps=10, baseline=baseline[:1])
     assert float(scores.deletion_auc[0]) == pytest.approx(0.15, abs=1e-6)
 
 
 def test_protocol_travels_with_the_numbers(case):
-    model, inputs, baseline, maps, targets = case
-    scores = deletion_insertion(model, inputs, maps, targets, steps=10, baseline=baseline,
+    execution, inputs, baseline, maps, targets = case
+    scores = deletion_insertion(execution, inputs, maps, targets, steps=10, baseline=baseline,
                                 baseline_description={"kind": "zeros"})
     data = scores.as_json(1)
     assert data["deletion_auc"] == pytest.approx(0.85, abs=1e-6)
@@ -98,8 +101,8 @@ def test_protocol_travels_with_the_numbers(case):
 
 
 def test_blur_baseline_is_the_default(case):
-    model, inputs, _, maps, targets = case
-    scores = deletion_insertion(model, inputs, maps, targets, steps=5)
+    execution, inputs, _, maps, targets = case
+    scores = deletion_insertion(execution, inputs, maps, targets, steps=5)
     assert scores.protocol.baseline["kind"] == "blur"
     # blurring a constant image changes nothing, so deleting it keeps the full score
     assert scores.deletion_curve[0].tolist() == pytest.approx([1.0] * 6, abs=1e-5)
@@ -107,9 +110,9 @@ def test_blur_baseline_is_the_default(case):
 
 def test_cell_unit_at_full_resolution_is_the_pixel_unit(case):
     """With one cell per pixel the soft reveal is the identity: both units give the same curves."""
-    model, inputs, baseline, maps, targets = case
-    pixels = deletion_insertion(model, inputs, maps, targets, steps=10, baseline=baseline)
-    cells = deletion_insertion(model, inputs, maps, targets, steps=10, baseline=baseline, unit="cell", cells=SIDE)
+    execution, inputs, baseline, maps, targets = case
+    pixels = deletion_insertion(execution, inputs, maps, targets, steps=10, baseline=baseline)
+    cells = deletion_insertion(execution, inputs, maps, targets, steps=10, baseline=baseline, unit="cell", cells=SIDE)
     assert torch.allclose(pixels.deletion_curve, cells.deletion_curve, atol=1e-6)
     assert torch.allclose(pixels.insertion_curve, cells.insertion_curve, atol=1e-6)
 
@@ -119,10 +122,10 @@ def test_cell_unit_reveals_cells_softly_with_aligned_corners(case):
     1, 5/9, 1/9 (aligned-corner bilinear: pixel row i sits at cell coordinate 4i/9), so the
     class share of the top 3 rows drops to 4/9 (deletion) or rises to 5/9 (insertion); the
     second cell row covers the region entirely."""
-    model, inputs, baseline, _, targets = case
+    execution, inputs, baseline, _, targets = case
     coarse = torch.zeros(1, 5, 5)
     coarse[0, 0], coarse[0, 1] = 1.0, 0.5
-    scores = deletion_insertion(model, inputs[:1], coarse, targets[:1], steps=5, baseline=baseline[:1],
+    scores = deletion_insertion(execution, inputs[:1], coarse, targets[:1], steps=5, baseline=baseline[:1],
                                 unit="cell", cells=5)
     assert scores.fractions.tolist() == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     assert scores.deletion_curve[0].tolist() == pytest.approx([1, 4 / 9, 0, 0, 0, 0], abs=1e-6)
@@ -135,14 +138,14 @@ def test_cell_unit_reveals_cells_softly_with_aligned_corners(case):
 
 def test_right_riemann_rule_leaves_out_the_first_point(case):
     """The papers' AUC: the mean of the points after each step (equal steps)."""
-    model, inputs, baseline, maps, targets = case
-    scores = deletion_insertion(model, inputs, maps, targets, steps=10, baseline=baseline, auc="right")
+    execution, inputs, baseline, maps, targets = case
+    scores = deletion_insertion(execution, inputs, maps, targets, steps=10, baseline=baseline, auc="right")
     # perfect: deletion 1, 2/3, 1/3, 0 ... ; reversed: seven 1s (the 70 other pixels), 2/3, 1/3, 0
     assert scores.deletion_auc.tolist() == pytest.approx([(2 / 3 + 1 / 3) / 10, (7 + 1) / 10], abs=1e-6)
     assert scores.insertion_auc.tolist() == pytest.approx([(1 / 3 + 2 / 3 + 8) / 10, (1 / 3 + 2 / 3 + 1) / 10], abs=1e-6)
     assert "right Riemann" in scores.protocol.auc
     with pytest.raises(ValueError):
-        deletion_insertion(model, inputs, maps, targets, steps=10, baseline=baseline, unit="patch")
+        deletion_insertion(execution, inputs, maps, targets, steps=10, baseline=baseline, unit="patch")
 
 
 def test_explain_endpoint_scores_the_map_on_request(api_server, chelsea):

@@ -1,6 +1,6 @@
-"""ONNX Runtime scoring on a CPU (``explainers.onnx_cpu``), checked against PyTorch.
+"""ONNX Runtime scoring on a CPU (``explainers.execution.onnx_cpu``), checked against PyTorch.
 
-The real efficientnet_lite0 (its lean copy, as SAG scores it) is exported and compared with
+The real efficientnet_lite0 (its folded copy, as SAG scores it) is exported and compared with
 PyTorch's own forwards on real photos at other batch sizes and image sizes than the export's;
 SAG's scorer in ONNX Runtime must give the scores its PyTorch scorer gives, incremental crops
 included, and Score-CAM, the metrics and I-GOS's line search must give PyTorch's results;
@@ -14,10 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from explainers import onnx_cpu
 from explainers.errors import ExplainError
-from explainers.lean import lean_network
-from explainers.sag import SAG, PatchScorer, SAGConfig, make_baseline
+from explainers.execution import Execution, ExecutionPolicy, PatchScorer, onnx_cpu
+from explainers.sag import SAG, SAGConfig, make_baseline
 from tests.test_incremental import one_patch_walk
 
 
@@ -26,12 +25,14 @@ def test_onnx_runtime_is_installed():
     assert onnx_cpu.available()
     assert onnx_cpu.wanted("auto", torch.device("cpu")) and not onnx_cpu.wanted("torch", torch.device("cpu"))
     assert not onnx_cpu.wanted("auto", torch.device("cuda"))
+    network = torch.nn.Linear(2, 2)
+    assert Execution(network).onnx_wanted() and not Execution(network, ExecutionPolicy(cpu_runtime="torch")).onnx_wanted()
 
 
 def test_default_model_in_onnx_runtime_computes_pytorchs_logits(default_model, chelsea, coffee):
     cat, _ = default_model.preprocessor.to_input(chelsea)
     cup, _ = default_model.preprocessor.to_input(coffee)
-    network = lean_network(default_model.module, cat)
+    network = default_model.execution.folded_network(cat)
     forward = onnx_cpu.build(network, cat)
     assert isinstance(forward, onnx_cpu.OnnxForward)
     batch = torch.cat([cat, cup, cat.flip(-1) * 0.5])  # 3 images, exported with 1
@@ -68,13 +69,14 @@ def test_networks_onnx_runtime_cannot_reproduce_are_refused(module, why, caplog)
 
 def test_sag_scorer_in_onnx_runtime_scores_like_pytorch(default_model, chelsea):
     inputs, _ = default_model.preprocessor.to_input(chelsea)
-    network = lean_network(default_model.module, inputs)
+    execution = default_model.execution
+    network = execution.folded_network(inputs)
     base = make_baseline("black", inputs, torch.tensor(default_model.spec.mean), torch.tensor(default_model.spec.std))
     scorers = [PatchScorer(network, inputs, base, 285, 7, 8) for _ in range(2)]
     for scorer in scorers:
         scorer.use_incremental()
     onnx, plain = scorers
-    onnx.use_onnx_runtime()
+    onnx.use_onnx_runtime(lambda name, module, example: execution.exported(network, name, module, example))
     assert onnx.runtime == "onnxruntime" and plain.runtime == "torch"
     assert isinstance(onnx.incremental.split.suffix, onnx_cpu.OnnxForward)
     assert isinstance(onnx.incremental.split.prefix, onnx_cpu.OnnxForward)
@@ -85,49 +87,52 @@ def test_sag_scorer_in_onnx_runtime_scores_like_pytorch(default_model, chelsea):
 
 
 def test_sag_states_its_runtime_and_torch_can_be_chosen(default_model, chelsea):
+    from core.settings import SettingsError, load_core_settings
+
     inputs, _ = default_model.preprocessor.to_input(chelsea)
     config = SAGConfig(grid=3, beam_width=1, successors=3, max_root_size=4, max_roots=1, max_nodes=4,
                        ordering="occlusion")
     runs = {}
     for runtime in ("torch", "onnxruntime"):
-        sag = SAG(default_model.module, SAGConfig(**{**config.__dict__, "cpu_runtime": runtime}),
-                  mean=default_model.spec.mean, std=default_model.spec.std)
+        sag = SAG(default_model.execution.with_policy(cpu_runtime=runtime), config,
+                  normalization=default_model.normalization)
         runs[runtime] = sag.explain(inputs)
         assert runs[runtime].details["runtime"] == runtime
     assert [r.patches for r in runs["torch"].roots] == [r.patches for r in runs["onnxruntime"].roots]
     assert [n.score for n in runs["onnxruntime"].nodes] == pytest.approx(
         [n.score for n in runs["torch"].nodes], rel=1e-4, abs=1e-7)
-    with pytest.raises(ExplainError):
-        SAG(default_model.module, SAGConfig(cpu_runtime="tensorrt"))  # type: ignore[arg-type]
+    with pytest.raises(ExplainError):  # the runtime is the execution's, not a SAG parameter
+        SAGConfig(cpu_runtime="onnxruntime")  # type: ignore[call-arg]
+    with pytest.raises(SettingsError, match="UNBOX_CPU_RUNTIME"):
+
+        load_core_settings(cpu_runtime="tensorrt")
 
 
 def test_sag_jobs_take_the_runtime_from_the_environment(monkeypatch):
-    from workers.method_sag import SagParams, _config
-    from workers.settings import SettingsError, load_core_settings
+    from core.settings import SettingsError, load_core_settings
 
-    assert _config(SagParams()).cpu_runtime == "auto"
+    assert load_core_settings().execution_policy().cpu_runtime == "auto"
     monkeypatch.setenv("UNBOX_CPU_RUNTIME", "torch")
-    assert _config(SagParams()).cpu_runtime == "torch"
+    assert load_core_settings().execution_policy().cpu_runtime == "torch"
     monkeypatch.setenv("UNBOX_CPU_RUNTIME", "fast")
     with pytest.raises(SettingsError, match="UNBOX_CPU_RUNTIME"):
         load_core_settings()
 
 
 def test_scorecam_and_metrics_in_onnx_runtime_match_pytorch(default_model, coffee):
-    from explainers.cam import ScoreCAM
-    from explainers.fastpath import FastPath
+    from explainers.cam import ScoreCAM, ScoreCAMConfig
     from explainers.metrics import deletion_insertion
 
     inputs, _ = default_model.preprocessor.to_input(coffee)
     layer = default_model.default_layer
     maps, metrics = {}, {}
     for runtime in ("torch", "onnxruntime"):
-        cam = ScoreCAM(default_model.module, layer, FastPath(cpu_runtime=runtime), channels=24)
+        execution = default_model.execution.with_policy(cpu_runtime=runtime)
+        cam = ScoreCAM(execution, ScoreCAMConfig(channels=24), layer=layer)
         explanation = cam.explain(inputs)
         assert explanation.details["runtime"] == runtime
         maps[runtime] = explanation.saliency
-        metrics[runtime] = deletion_insertion(default_model.module, inputs, explanation.saliency,
-                                              explanation.targets, steps=8, cpu_runtime=runtime)
+        metrics[runtime] = deletion_insertion(execution, inputs, explanation.saliency, explanation.targets, steps=8)
     assert float((maps["torch"] - maps["onnxruntime"]).abs().max()) < 1e-3
     for curve in ("deletion_curve", "insertion_curve"):
         assert getattr(metrics["onnxruntime"], curve).flatten().tolist() == pytest.approx(
@@ -135,13 +140,13 @@ def test_scorecam_and_metrics_in_onnx_runtime_match_pytorch(default_model, coffe
 
 
 def test_igos_line_search_in_onnx_runtime_gives_pytorchs_mask(default_model, chelsea):
-    from explainers.igos import IGOSConfig, make_igos
+    from explainers.igos import IGOSPlusPlus, IGOSPlusPlusConfig
 
     inputs, _ = default_model.preprocessor.to_input(chelsea)
     results = {}
     for runtime in ("torch", "onnxruntime"):
-        config = IGOSConfig.for_method("igos++", mask_size=7, iterations=3, steps=4, cpu_runtime=runtime)
-        results[runtime] = make_igos("igos++", default_model.module, config).explain(inputs)
+        config = IGOSPlusPlusConfig(mask_size=7, iterations=3, steps=4)
+        results[runtime] = IGOSPlusPlus(default_model.execution.with_policy(cpu_runtime=runtime), config).explain(inputs)
         assert results[runtime].details["forward_runtime"] == runtime
         assert results[runtime].details["images_evaluated"]["forward"] > 0  # line-search trials ran
     # the trials only choose step sizes; same choices, same mask (the gradients are PyTorch's in both)
@@ -150,19 +155,20 @@ def test_igos_line_search_in_onnx_runtime_gives_pytorchs_mask(default_model, che
 
 
 def test_worker_warm_up_exports_the_scoring_networks_before_any_job(default_model, caplog):
-    from explainers.fastpath import network_for
-    from workers.settings import load_core_settings
-    from workers.warmup import warm_onnx_runtime
+    from core.settings import load_core_settings
 
     size = default_model.spec.input_size
-    network = network_for(default_model.module, torch.zeros(1, 3, size, size))
-    onnx_cpu._sessions.pop(network, None)  # as in a fresh worker
-    with caplog.at_level("INFO", logger="unbox.warmup"):
-        warm_onnx_runtime(default_model, load_core_settings(), sag=True)
-    built = onnx_cpu._sessions.get(network, {})
+    grid = SAGConfig().grid  # the lattice workers warm the patch scorer for
+    execution = Execution(default_model.module, load_core_settings().execution_policy())  # as in a fresh worker
+    assert not execution._variants.exports
+    with caplog.at_level("INFO", logger="unbox.execution"):
+        execution.warm(size, default_model.default_layer, grid)
+    network = execution.folded_network(torch.zeros(1, 3, size, size))
+    built = {name: forward for (owner, name), forward in execution._variants.exports.items() if owner == id(network)}
     assert {key.split("-")[0] for key in built} == {"whole", "prefix", "suffix"}
     assert all(isinstance(forward, onnx_cpu.OnnxForward) for forward in built.values())
-    assert "SAG scores with onnxruntime" in caplog.text and "scores in onnxruntime" in caplog.text
-    onnx_cpu._sessions.pop(network, None)
-    warm_onnx_runtime(default_model, load_core_settings(cpu_runtime="torch"), sag=True)
-    assert network not in onnx_cpu._sessions  # nothing exported when PyTorch is asked for
+    assert "patch sets score with onnxruntime" in caplog.text and "scores run in onnxruntime" in caplog.text
+    torch_execution = Execution(default_model.module, load_core_settings(cpu_runtime="torch").execution_policy())
+    torch_execution.warm(size, default_model.default_layer, grid)
+    assert not torch_execution._variants.exports  # nothing exported when PyTorch is asked for
+

@@ -203,7 +203,7 @@ def test_a_tls_redis_url_reaches_every_client_as_configured() -> None:
     from app.metrics import QueueCollector
     from app.queue_health import QueueHealth
     from workers.jobqueue import connect
-    from workers.settings import CoreSettings
+    from core.settings import CoreSettings
 
     url = ("rediss://:s3cret@redis.example:6380/2?ssl_ca_certs=/etc/unbox/redis-ca.pem"
            "&ssl_cert_reqs=required&ssl_check_hostname=true")

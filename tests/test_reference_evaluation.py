@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -127,14 +126,14 @@ def test_cat_result_follows_the_documented_thresholds(cat_result, cat_direct):  
     check_expansion(result, cat_direct, DOC_GRAPH_THRESHOLD)
 
 
-REQUESTED = replace(REAL, threshold=0.8, graph_threshold=0.5, max_nodes=40)  # non-default, untruncated
+REQUESTED = REAL.replace(threshold=0.8, graph_threshold=0.5, max_nodes=40)  # non-default, untruncated
 
 
 @pytest.fixture(scope="module")
 def requested_result(default_model, chelsea):
     inputs, _ = default_model.preprocessor.to_input(chelsea)
-    sag = SAG(default_model.module, REQUESTED, layer=default_model.default_layer, mean=default_model.spec.mean,
-              std=default_model.spec.std)
+    sag = SAG(default_model.execution, REQUESTED, default_model.default_layer,
+              normalization=(default_model.spec.mean, default_model.spec.std))
     result = sag.explain(inputs)
     return result, Direct(default_model, inputs, REQUESTED.grid, result.target)
 
@@ -280,7 +279,7 @@ def test_deletion_and_insertion_curves_equal_direct_evaluation(default_model, ch
     saliency = torch.zeros(1, 7, 7)
     saliency[0, 2:4, 2:5] = torch.tensor([[3.0, 1.0, 2.0], [2.0, 3.0, 1.0]])  # most pixels tie at 0
     steps = 6
-    scores = deletion_insertion(default_model.module, inputs, saliency, torch.tensor([target]), steps=steps)
+    scores = deletion_insertion(default_model.execution, inputs, saliency, torch.tensor([target]), steps=steps)
     protocol = scores.protocol
     assert protocol.steps == steps and protocol.baseline["kind"] == "blur" and protocol.unit == "pixel"
     assert "softmax" in protocol.score and "stable" in protocol.order

@@ -20,8 +20,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from core.settings import load_core_settings
 from explainers.errors import ExplainError
-from explainers.sag import SAG, PatchScorer, SAGConfig, SAGResult, key_of, patches_of, pool_to_patches, select_roots
+from explainers.execution import Execution, ExecutionPolicy, PatchScorer
+from explainers.patches import key_of, patches_of
+from explainers.sag import SAG, SAGConfig, SAGResult, pool_to_patches, select_roots
 from explainers.sag_render import render_svg, roots_overlay
 from workers.methods import JobCanceled, get_method
 
@@ -55,11 +58,11 @@ def toy_image() -> torch.Tensor:
     return image
 
 
-def toy_sag(**overrides: object) -> tuple[ToyNet, SAG]:
+def toy_sag(images_per_forward: int | None = None, **overrides: object) -> tuple[ToyNet, SAG]:
     net = ToyNet()  # records its own batches: scored by PyTorch, not an exported copy
-    config = SAGConfig(**{"ordering": "occlusion", "max_roots": 6, "max_root_size": 4, "cpu_runtime": "torch",
-                          **overrides})
-    return net, SAG(net, config, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    config = SAGConfig(**{"ordering": "occlusion", "max_roots": 6, "max_root_size": 4, **overrides})
+    execution = Execution(net, ExecutionPolicy(cpu_runtime="torch", images_per_forward=images_per_forward))
+    return net, SAG(execution, config, normalization=((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
 
 
 def direct_scores(model: nn.Module, inputs: torch.Tensor, baseline: torch.Tensor, grid: int,
@@ -131,7 +134,7 @@ def test_toy_graph_is_a_dag_with_shared_nodes():
 
 
 def test_toy_forwards_are_batched_and_cached():
-    net, sag = toy_sag(successors=15, max_batch=64)  # the CPU default (8) would split the steps
+    net, sag = toy_sag(successors=15, images_per_forward=64)  # the CPU default (8) would split the steps
     result = sag.explain(toy_image())
     forward = result.details["forward"]
     assert len(net.batches) == forward["scorer_batches"] + 1  # + the full image
@@ -164,8 +167,6 @@ def test_auto_ordering_uses_igos_and_states_it():
 
 
 def test_minimisation_drops_every_removable_patch():
-    from explainers.sag import PatchScorer
-
     net = ToyNet()
     inputs = toy_image()
     scorer = PatchScorer(net, inputs, torch.zeros_like(inputs), target=0, grid=7, max_batch=64)
@@ -211,9 +212,13 @@ def test_toy_blur_baseline_scores_match_direct_evaluation():
 
 def test_invalid_config_is_an_explain_error():
     with pytest.raises(ExplainError):
-        SAG(ToyNet(), SAGConfig(threshold=1.5))
+        SAGConfig(threshold=1.5)
+    with pytest.raises(ValueError, match="images_per_forward"):
+        ExecutionPolicy(images_per_forward=0)
     with pytest.raises(ExplainError):
-        SAG(ToyNet(), SAGConfig(max_batch=0))
+        SAGConfig(grid=1)
+    with pytest.raises(ExplainError):
+        SAGConfig(max_nodes=0)
     with pytest.raises(ExplainError):
         toy_sag()[1].explain(torch.zeros(2, 3, 56, 56))
 
@@ -231,8 +236,7 @@ def cat_result(default_model, chelsea):
     """The real model's SAG on the cat photo; modules importing this fixture reuse the search."""
     if id(default_model) not in _CAT_RESULT:
         inputs, _ = default_model.preprocessor.to_input(chelsea)
-        sag = SAG(default_model.module, REAL, layer=default_model.default_layer, mean=default_model.spec.mean,
-                  std=default_model.spec.std)
+        sag = SAG(default_model.execution, REAL, default_model.default_layer, default_model.normalization)
         _CAT_RESULT[id(default_model)] = (inputs, sag.explain(inputs))
     return _CAT_RESULT[id(default_model)]
 
@@ -246,7 +250,7 @@ def black(model, inputs):
 def test_real_roots_suffice_and_are_minimal(default_model, cat_result):
     inputs, result = cat_result
     assert result.roots, "the cat photo has a sufficient patch set on a 4 x 4 grid"
-    assert result.ordering == "gradcam" and result.details["precision"] == "float32"
+    assert result.ordering == "gradcam" and result.details["precision"] == "fp32"
     base = black(default_model, inputs)
     full = direct_scores(default_model.module, inputs, base, 4, [tuple(range(16))], result.target)[0]
     assert full == pytest.approx(result.full_score, abs=1e-5)
@@ -311,7 +315,7 @@ def test_job_method_runs_directly(default_model, chelsea):
     params = method.params.model_validate({"grid": 3, "successors": 3, "max_roots": 1, "max_nodes": 6,
                                            "ordering": "gradcam", "top_k": 3})
     calls: list[tuple[float, str]] = []
-    result = method.run(default_model, chelsea, None, params, lambda f, s: calls.append((f, s)))
+    result = method.run(default_model, chelsea, None, params, lambda f, s: calls.append((f, s)), load_core_settings())
     assert json.loads(json.dumps(result)) == result
     assert result["method"] == "sag" and result["target"]["index"] == result["predictions"][0]["index"]
     assert result["params"]["grid"] == 3 and result["baseline"] == "black" and result["ordering"] == "gradcam"
@@ -337,7 +341,8 @@ def test_job_method_stops_when_cancelled(default_model, chelsea):
             raise JobCanceled("cancelled")
 
     with pytest.raises(JobCanceled):
-        method.run(default_model, chelsea, None, params, report)
+        method.run(default_model, chelsea, None, params, report, load_core_settings())
+
     assert calls[-1] == "search step 1: 0 roots" or calls[-1].startswith("search step 1")
 
 

@@ -10,10 +10,12 @@ from PIL import Image
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from explainers.cam import GradCAM, ScoreCAM
-from explainers.fastpath import EXACT, FastPath, forward_bytes_per_sample, network_for
+from explainers.cam import GradCAM, ScoreCAM, ScoreCAMConfig
+from explainers.execution import Execution, ExecutionPolicy
+from explainers.execution.execution import layer_gradient_pass
+from explainers.result import normalize_maps
 from tests.conftest import ESPRESSO, jpeg_bytes, left_right_mass
-from workers.settings import CoreSettings
+from core.settings import CoreSettings
 
 FAST_CHANNELS = CoreSettings.model_fields["scorecam_channels"].default
 
@@ -35,7 +37,7 @@ def exact_maps(default_model, chelsea, coffee):
     results = {}
     for name, image in (("chelsea", chelsea), ("coffee", coffee)):
         inputs, _ = default_model.preprocessor.to_input(image)
-        results[name] = (inputs, ScoreCAM(default_model.module, "bn2").explain(inputs))
+        results[name] = (inputs, ScoreCAM(default_model.execution, layer="bn2").explain(inputs))
     return results
 
 
@@ -46,7 +48,7 @@ def test_fast_mode_correlates_with_exact(default_model, exact_maps, name):
     total, constant = exact.details["total_channels"], exact.details["constant_channels"]
     assert total == 1280 and exact.details["channels"] == total - constant
     assert exact.details["forward_passes"] == total - constant + 2  # capture + shared zero-image score
-    fast = ScoreCAM(default_model.module, "bn2", channels=FAST_CHANNELS).explain(inputs)
+    fast = ScoreCAM(default_model.execution, ScoreCAMConfig(channels=FAST_CHANNELS), layer="bn2").explain(inputs)
     assert fast.details["mode"] == "fast" and fast.details["channels"] == FAST_CHANNELS
     assert fast.details["forward_passes"] == FAST_CHANNELS + 2
     assert torch.equal(fast.targets, exact.targets)
@@ -57,7 +59,7 @@ def test_exact_mode_is_the_reference_definition(resnet):
     """Exact maps equal a direct transcription of the definition (all masked inputs at once)."""
     generator = torch.Generator().manual_seed(3)
     inputs = torch.randn(1, 3, 48, 48, generator=generator)
-    ours = ScoreCAM(resnet.module, "layer2", batch_size=5).explain(inputs, 11)
+    ours = ScoreCAM(resnet.execution.with_policy(images_per_forward=5), layer="layer2").explain(inputs, 11)
     with torch.inference_mode():
         acts = {}
         handle = resnet.module.layer2.register_forward_hook(lambda _m, _i, out: acts.setdefault("a", out))
@@ -77,7 +79,8 @@ def test_batch_size_does_not_change_the_map(resnet):
     generator = torch.Generator().manual_seed(2)
     inputs = torch.randn(1, 3, 48, 48, generator=generator)
     sizes = (16, 37, 128)  # 37: a short last batch; 128: every channel of layer2 in one batch
-    maps = [ScoreCAM(resnet.module, "layer2", batch_size=size).explain(inputs, 5) for size in sizes]
+    maps = [ScoreCAM(resnet.execution.with_policy(images_per_forward=size), layer="layer2").explain(inputs, 5)
+            for size in sizes]
     assert [m.details["batch_size"] for m in maps] == list(sizes)
     for other in maps[1:]:
         assert torch.allclose(maps[0].saliency, other.saliency, atol=1e-5)
@@ -105,17 +108,17 @@ def test_exact_mode_memory_stays_within_one_batch(resnet):
     inputs = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(4))
     channels = 256  # layer3
     all_masked = channels * 3 * side * side * 4
-    per_sample = forward_bytes_per_sample(resnet.module, (3, side, side))
+    per_sample = resnet.execution.bytes_per_image((3, side, side))
     budget_mb = 8 * per_sample / 2**20
     seen = []
-    # the masked forwards run on the scoring network (the lean copy when batch norm folds)
-    networks = {resnet.module, network_for(resnet.module, inputs)}
+    # PyTorch runs the forwards here: the probe sees its tensors (ONNX Runtime's are its own)
+    execution = resnet.execution.with_policy(cpu_runtime="torch", memory_budget_mb=budget_mb)
+    # the masked forwards run on the scoring network (the folded copy when batch norm folds)
+    networks = {resnet.module, execution.folded_network(inputs)}
     handles = [net.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0])) for net in networks]
     try:
         with LargestTensor() as probe:
-            # PyTorch runs the forwards here: the probe sees its tensors (ONNX Runtime's are its own)
-            result = ScoreCAM(resnet.module, "layer3", FastPath(cpu_runtime="torch"),
-                              memory_budget_mb=budget_mb).explain(inputs, 1)
+            result = ScoreCAM(execution, layer="layer3").explain(inputs, 1)
     finally:
         for handle in handles:
             handle.remove()
@@ -128,7 +131,7 @@ def test_exact_mode_memory_stays_within_one_batch(resnet):
 def test_blank_image_and_dead_channels_give_no_nan(default_model):
     blank = Image.new("RGB", (64, 48), (128, 128, 128))
     inputs, _ = default_model.preprocessor.to_input(blank)
-    result = ScoreCAM(default_model.module, "bn2", channels=8).explain(inputs)
+    result = ScoreCAM(default_model.execution, ScoreCAMConfig(channels=8), layer="bn2").explain(inputs)
     assert torch.isfinite(result.saliency).all()
     assert result.saliency.min() >= 0 and result.saliency.max() <= 1
 
@@ -156,7 +159,7 @@ class HalfDead(nn.Module):
 def test_dead_channels_cost_one_forward_and_no_nan(all_dead):
     model = HalfDead(all_dead)
     inputs = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    result = ScoreCAM(model, "relu", batch_size=3).explain(inputs, 2)
+    result = ScoreCAM(Execution(model, ExecutionPolicy(images_per_forward=3)), layer="relu").explain(inputs, 2)
     assert torch.isfinite(result.saliency).all()
     assert result.details["constant_channels"] == (8 if all_dead else 4)
     assert result.details["forward_passes"] == 1 + result.details["channels"] + 1
@@ -166,27 +169,29 @@ def test_dead_channels_cost_one_forward_and_no_nan(all_dead):
 
 def test_espresso_map_lies_on_the_cup(default_model, cat_and_coffee):
     inputs, _ = default_model.preprocessor.to_input(cat_and_coffee)
-    result = ScoreCAM(default_model.module, "bn2", channels=FAST_CHANNELS).explain(inputs, ESPRESSO)
+    result = ScoreCAM(default_model.execution, ScoreCAMConfig(channels=FAST_CHANNELS), layer="bn2").explain(
+        inputs, ESPRESSO)
     _, right = left_right_mass(result.saliency[0].numpy())
     assert right >= 0.7
 
 
 def test_cpu_fast_path_defaults_are_exact(default_model):
     settings = CoreSettings()
-    fast = settings.fast_path()
+    fast = settings.execution_policy()
     cpu = torch.device("cpu")
-    assert fast.dtype(cpu) is None and not fast.wants_runner(cpu)
-    assert EXACT.dtype(torch.device("cuda")) is None
-    assert FastPath(precision="auto").dtype(torch.device("cuda")) == torch.float16
+    assert fast.dtype(cpu, "scores") is None and not fast.wants_runners(cpu)
+    assert ExecutionPolicy(precision="fp32").dtype(torch.device("cuda"), "scores") is None
+    assert ExecutionPolicy(precision="auto").dtype(torch.device("cuda"), "scores") == torch.float16
 
 
 def test_reduced_precision_keeps_maps_within_099(resnet):
     """bf16 autocast (runnable on the CPU) keeps Score-CAM and Grad-CAM maps close to fp32."""
     inputs = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
-    bf16 = FastPath(precision="bf16")
-    for make in (lambda fp: ScoreCAM(resnet.module, "layer3", fastpath=fp, channels=32, batch_size=32),
-                 lambda fp: GradCAM(resnet.module, "layer3", fastpath=fp)):
-        full, low = make(EXACT).explain(inputs, 9), make(bf16).explain(inputs, 9)
+    exact, bf16 = resnet.execution.with_policy(precision="fp32"), resnet.execution.with_policy(precision="bf16")
+    for make in (lambda execution: ScoreCAM(execution.with_policy(images_per_forward=32), ScoreCAMConfig(channels=32),
+                                            layer="layer3"),
+                 lambda execution: GradCAM(execution, layer="layer3")):
+        full, low = make(exact).explain(inputs, 9), make(bf16).explain(inputs, 9)
         assert low.details["precision"] == "bf16" and full.details["precision"] == "fp32"
         assert correlation(full.saliency, low.saliency) >= 0.99
 
@@ -216,12 +221,12 @@ def test_api_scorecam_reports_mode_and_validates_channels(api_server, chelsea):
 def test_graph_pass_matches_eager_gradcam(resnet):
     """The sync-free forward + backward that a CUDA graph records (run eagerly here) gives
     Grad-CAM's maps, picking the top-1 on the device where asked."""
-    from explainers.fastpath import gradcam_pass
-
     inputs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
-    targets, top1 = torch.tensor([[3], [5]]), torch.tensor([[True], [False]])
-    logits, activations, gradients, chosen = gradcam_pass(resnet.module, "layer4", inputs, targets, top1, EXACT)
+    targets, top1 = torch.tensor([3, 5]), torch.tensor([True, False])
+    logits, activations, gradients, chosen = layer_gradient_pass(
+        resnet.module, "layer4", inputs, lambda logits: torch.where(top1, logits.argmax(dim=1), targets))
     assert chosen.tolist() == [int(logits[0].argmax()), 5]
-    eager = GradCAM(resnet.module, "layer4").explain(inputs, chosen.tolist())
-    graphed = GradCAM(resnet.module, "layer4")._result(gradients.float().mean(dim=(2, 3)), activations, logits, chosen)
-    assert torch.allclose(eager.saliency, graphed.saliency, atol=1e-5)
+    eager = GradCAM(Execution(resnet.module, ExecutionPolicy()), layer="layer4").explain(inputs, chosen.tolist())
+    weights = gradients.float().mean(dim=(2, 3))
+    maps = torch.einsum("bk,bkhw->bhw", weights, activations.float()).clamp_min_(0)
+    assert torch.allclose(eager.saliency, normalize_maps(maps), atol=1e-5)

@@ -31,7 +31,7 @@ from tests.queue_support import (TERMINAL, WEBHOOK_SECRET, Stack, WebhookReceive
 from workers.callback_guard import CallbackGuard, CallbackRefused
 from workers.jobqueue import ENDED, JobStore
 from workers.redis_server import EmbeddedRedis
-from workers.settings import CoreSettings, SettingsError, load_core_settings
+from core.settings import CoreSettings, SettingsError, load_core_settings
 from workers.webhooks import PENDING, STATS, WebhookSender, _record_key, schedule, schedule_job_end
 
 PUBLIC = "93.184.216.34"

@@ -15,7 +15,8 @@ from typing import Any, Callable
 import redis
 from pydantic import ValidationError
 
-from explainers.errors import ExplainError
+from core.errors import UnboxError
+from core.validation import describe_validation_errors
 from models.registry import UnknownModelError
 from workers.jobqueue import JobStore, Lease, Outcome
 from workers.methods import JobCanceled, get_method
@@ -27,13 +28,8 @@ logger = logging.getLogger("unbox.jobs")
 REPORT_PAUSE_AFTER_OUTAGE_S = 1.0
 
 
-class JobFailure(Exception):
+class JobFailure(UnboxError):
     """A failure with a client-facing code (image expired, unknown model ...)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class LeaseLost(Exception):
@@ -99,7 +95,7 @@ def run_method(request: JobPayload, image: Any, runtime: WorkerRuntime, report: 
     except UnknownModelError:
         raise JobFailure("unknown_model", f"this worker has no model {request.model!r}") from None
     report(0.0, "running")
-    result = method.run(model, image, request.target, params, report)
+    result = method.run(model, image, request.target, params, report, runtime.settings)
     result.setdefault("timing_ms", {})["job"] = round((time.perf_counter() - started) * 1e3, 2)
     return result
 
@@ -116,11 +112,10 @@ def outcome_of(run: Callable[[], dict[str, Any]], report: Reporter, timeout_s: i
     except JobCanceled:
         return Outcome("canceled", error={"code": "canceled", "message": "the job was canceled while running"},
                        progress=report.fraction, stage="canceled")
-    except (JobFailure, ExplainError) as exc:
+    except UnboxError as exc:  # JobFailure, ExplainError
         return _failed(report, exc.code, exc.message)
     except ValidationError as exc:
-        return _failed(report, "invalid_parameter", "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()))
+        return _failed(report, "invalid_parameter", describe_validation_errors(exc.errors(), "params"))
     except JobTimeout:
         return _failed(report, "timeout", f"the job exceeded its time limit of {timeout_s} s")
     except LeaseLost:

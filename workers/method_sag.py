@@ -10,44 +10,25 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from explainers.method import Method
 from explainers.pipeline import target_prediction, top_predictions
-from explainers.sag import SAG, SAGConfig, SAGResult
+from explainers.sag import SAGResult
 from explainers.sag_render import render_svg, root_pictures, roots_overlay
-from workers.methods import JobMethod, ProgressReporter, register
-from workers.runtime import overlay_max_side, runtime_settings
+from workers.methods import JobKind, JobParams, ProgressReporter
 
 ROOT_PICTURE_SIDE = 256  # each root's own overlay stays small; picture_png has the full size
 
 
-class SagParams(BaseModel):
-    """Parameters of a ``sag`` job (defaults: the paper's reference set-up)."""
+class GraphJobOptions(BaseModel):
+    """A graph job's own options."""
 
     model_config = ConfigDict(extra="forbid")
 
-    grid: int = Field(7, ge=2, le=16, description="patches per side (crisp squares)")
-    beam_width: int = Field(3, ge=1, le=50, description="states kept per search step")
-    successors: int = Field(15, ge=1, le=256, description="most important unused patches proposed per state")
-    threshold: float = Field(0.9, gt=0, le=1, description="a set suffices at this share of the full-image probability")
-    max_root_size: int = Field(12, ge=1, le=64, description="largest patch set the search grows")
-    max_roots: int = Field(10, ge=1, le=50, description="the search stops after this many roots")
-    overlap_limit: int = Field(1, ge=0, le=64, description="most patches two graph roots may share")
-    graph_roots: int = Field(3, ge=1, le=10, description="roots the graph is drawn from")
-    graph_threshold: float = Field(0.4, ge=0, le=1, description="a node is expanded while its probability "
-                                   "is at least this share of the full-image probability")
-    max_nodes: int = Field(100, ge=1, le=2000, description="bound on the graph's nodes")
-    baseline: Literal["black", "blur"] = Field("black", description="what removed patches show")
-    ordering: Literal["auto", "igos", "gradcam", "occlusion"] = Field(
-        "auto", description="patch ordering: auto = coarse I-GOS, else Grad-CAM, else single-patch deletion")
     top_k: int = Field(5, ge=1, le=100, description="how many predictions to return")
-
-
-def _config(params: SagParams) -> SAGConfig:
-    values = params.model_dump(exclude={"top_k"})
-    return SAGConfig(**values, cpu_runtime=runtime_settings().cpu_runtime)
 
 
 def result_json(result: SAGResult) -> dict[str, Any]:
@@ -78,21 +59,21 @@ def result_json(result: SAGResult) -> dict[str, Any]:
     }
 
 
-def run_sag(model: Any, image: Any, target: int | None, params: SagParams,
-            report: ProgressReporter) -> dict[str, Any]:
+def run_graph_job(method: type[Method], model: Any, image: Any, target: int | None, params: JobParams,
+                  report: ProgressReporter, settings: Any) -> dict[str, Any]:
     """Search, graph and drawings for one image; ``report`` is called per search step."""
     started = time.perf_counter()
+    assert isinstance(params, GraphJobOptions)
     report(0.0, "preparing")
     inputs, geometry = model.preprocessor.to_input(image)
     layer = model.default_layer if getattr(model, "scriptable_hooks", True) else None
-    explainer = SAG(model.module, _config(params), layer=layer,
-                    mean=model.spec.mean, std=model.spec.std)
-    result = explainer.explain(inputs, target, progress=lambda fraction, stage: report(0.9 * fraction, stage))
+    explainer = method(model.execution, params.method_config(method), layer, model.normalization)
+    result = explainer.explain(inputs, target, lambda fraction, stage: report(0.9 * fraction, stage))
     explained = time.perf_counter()
     report(0.9, "drawing")
     input_size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
     svg = render_svg(result, image, geometry.box, input_size, model.labels)
-    overlay = roots_overlay(result, image, geometry.box, input_size, overlay_max_side())
+    overlay = roots_overlay(result, image, geometry.box, input_size, settings.overlay_max_side)
     pictures = root_pictures(result, image, geometry.box, input_size, ROOT_PICTURE_SIDE)
     finished = time.perf_counter()
 
@@ -105,7 +86,7 @@ def run_sag(model: Any, image: Any, target: int | None, params: SagParams,
                   total=round((finished - started) * 1e3, 2))
     return {
         "model": model.name,
-        "method": "sag",
+        "method": method.name,
         "target": vars(target_prediction(logits, model.labels, result.target)),
         "predictions": [vars(p) for p in top_predictions(logits, model.labels, params.top_k)],
         **body,
@@ -116,5 +97,4 @@ def run_sag(model: Any, image: Any, target: int | None, params: SagParams,
     }
 
 
-register(JobMethod("sag", SagParams, run_sag, timeout_s=900,
-                   description="Structured Attention Graph: minimal sufficient patch sets and their subsets"))
+GRAPH_JOBS = JobKind(GraphJobOptions, run_graph_job, timeout_s=900)

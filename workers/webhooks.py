@@ -45,7 +45,7 @@ from workers.callback_guard import CallbackGuard, CallbackRefused, Destination, 
 from workers.jobqueue import TERMINAL, JobStore, job_view
 
 if TYPE_CHECKING:
-    from workers.settings import CoreSettings
+    from core.settings import CoreSettings
 
 logger = logging.getLogger("unbox.webhooks")
 

@@ -43,10 +43,11 @@ from workers.methods import get_method, load_builtin_methods
 from workers.payload import JobPayload, image_key
 from workers.redis_url import redact_url
 from workers.result_files import split_files
-from workers.runtime import WorkerRuntime, use_runtime
-from workers.settings import CoreSettings, SettingsError
+from workers.runtime import WorkerRuntime
+from core.settings import CoreSettings, SettingsError
+from explainers.sag import SAGConfig
 from workers.stored_image import StoredImageError, decode_stored
-from workers.warmup import warm_fast_paths, warm_igos_compile, warm_onnx_runtime
+from workers.warmup import warm_igos_compile
 from workers.webhooks import WebhookSender, schedule_job_end
 
 logger = logging.getLogger("unbox.worker")
@@ -323,7 +324,8 @@ def run_worker(settings: CoreSettings, burst: bool = False) -> int:
     settings.apply_to_torch()
     try:
         load_builtin_methods(settings.job_method_modules)
-        registry = ModelRegistry(load_catalog(settings.catalog), settings.resolved_device())
+        registry = ModelRegistry(load_catalog(settings.catalog), settings.resolved_device(),
+                                 settings.execution_policy(), patch_grid=SAGConfig().grid)
     except (SettingsError, CatalogError) as exc:
         logger.error("%s", exc)
         return 2
@@ -338,9 +340,7 @@ def run_worker(settings: CoreSettings, burst: bool = False) -> int:
         except (ModelBuildError, OSError, ValueError, RuntimeError) as exc:
             logger.error("model %s cannot be loaded: %s", name, exc)
             return 2
-        warm_fast_paths(model, settings)
         warm_igos_compile(model, settings)
-        warm_onnx_runtime(model, settings, sag=True)
         logger.info("model %s warm on %s in %.1f s", name, registry.device, time.perf_counter() - started)
     connection = connect(settings.redis_url, settings.redis_timeout_s)
     store = JobStore(connection, settings.queue_name, settings.worker_heartbeat_s)
@@ -352,8 +352,7 @@ def run_worker(settings: CoreSettings, burst: bool = False) -> int:
     logger.info("worker %s taking jobs from queue %r at %s", worker.name, settings.queue_name,
                 redact_url(settings.redis_url))
     try:
-        with use_runtime(worker.runtime):
-            worker.work(burst=burst)
+        worker.work(burst=burst)
     finally:
         sender.stop()
     logger.info("worker %s stopped", worker.name)

@@ -2,16 +2,13 @@
 
 SAG's patch sets, Score-CAM's masked images, I-GOS's line-search trials and the deletion /
 insertion curves only score images: no gradient, no hooks. On a CPU those forwards can run in
-ONNX Runtime instead of PyTorch's eager kernels. For efficientnet_lite0 (the lean copy: batch
-norm folded) on the 2-core CPU ONNX Runtime took 7.8-10.4 ms per image against PyTorch's
-12.6-27.2 ms at batches of 1 to 48 (2026-11-27; 10.2 against 16.4 ms on SAG's patch images at
-8 per forward). Its sessions do not busy-wait between calls: PyTorch runs the steps in between
-on the same cores (spinning threads doubled SAG's search + graph).
+ONNX Runtime instead of PyTorch's eager kernels, which are slower there for these networks
+(docs/benchmarks.md). Its sessions do not busy-wait between calls: PyTorch runs the steps in
+between on the same cores, and spinning threads would take them.
 
 A network is exported once (``torch.onnx.export``'s TorchScript exporter, dynamic batch and
-image size; about half a second for efficientnet_lite0), checked against PyTorch on the
-caller's example (logits within ``1e-4`` of the largest, relative), and cached for the life
-of the network it was made from. Anything that fails (ONNX Runtime or ``onnx`` not
+image size), checked against PyTorch on the caller's example (logits within ``1e-4`` of the
+largest, relative), and kept by the execution object that asked for it. Anything that fails (ONNX Runtime or ``onnx`` not
 installed, an operator the exporter does not know, a mismatch) leaves the caller on PyTorch,
 logged once per network. Results differ from PyTorch's in float rounding only (~1e-6
 relative), the same order as batch-norm folding's.
@@ -19,31 +16,23 @@ relative), the same order as batch-norm folding's.
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
-import threading
 import warnings
-import weakref
-from collections.abc import Callable
-from typing import Literal
 
 import torch
 from torch import nn
 
+from explainers.execution.policy import CpuRuntime
+
 logger = logging.getLogger(__name__)
 
-CpuRuntime = Literal["auto", "torch", "onnxruntime"]
 TOLERANCE = 1e-4  # relative to the largest logit: float rounding is ~1e-6, a wrong graph is far off
 
-_lock = threading.Lock()
-_sessions: weakref.WeakKeyDictionary[nn.Module, dict[str, OnnxForward | None]] = weakref.WeakKeyDictionary()
 
-
-@functools.cache
 def available() -> bool:
-    """Whether ONNX Runtime and the ``onnx`` package (the exporter's) are importable (checked
-    once: a failed import is not cached by Python and would search the path on every call)."""
+    """Whether ONNX Runtime and the ``onnx`` package (the exporter's) are importable (asked once
+    per execution object: a failed import is not cached by Python and searches the path again)."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -113,31 +102,9 @@ def build(module: nn.Module, example: torch.Tensor) -> OnnxForward | None:
     return runner
 
 
-def cached_forward(owner: nn.Module, key: str, module: nn.Module,
-                   example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The ONNX Runtime forward of ``module`` (a part of ``owner`` named by ``key``), built
-    once per ``owner`` and ``key``; ``None`` (also cached) when it cannot be built. Callers
-    ask per batch, so a built part is returned without taking the lock."""
-    parts = _sessions.get(owner)
-    if parts is not None and key in parts:
-        return parts[key]
-    with _lock:
-        parts = _sessions.setdefault(owner, {})
-        if key not in parts:
-            parts[key] = build(module, example)
-        return parts[key]
-
-
-def whole_forward(network: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """:func:`cached_forward` of a whole ``network`` (one session per network, shared by SAG,
-    Score-CAM, the metrics and I-GOS's trials)."""
-    return cached_forward(network, "whole", network, example)
-
-
-def runtime_of(forward: Callable[[torch.Tensor], torch.Tensor]) -> str:
+def runtime_of(forward: object) -> str:
     """``onnxruntime`` for an :class:`OnnxForward`, else ``torch``: what results report."""
     return "onnxruntime" if isinstance(forward, OnnxForward) else "torch"
 
 
-__all__ = ["CpuRuntime", "OnnxForward", "available", "build", "cached_forward", "runtime_of", "wanted",
-           "whole_forward"]
+__all__ = ["OnnxForward", "available", "build", "runtime_of", "wanted"]

@@ -12,11 +12,11 @@ Papakonstantinou, SIGMOD 2019). The network is split into
 * a *suffix* (everything else, through the logits), run on the whole pasted map.
 
 For efficientnet_lite0 at 224 px with 7 x 7 patches the prefix is the stem, the first stage and
-the first block of the second (their 112 x 112 maps cost about 40 % of a forward on a CPU), run
-on an 88 px crop (15 % of the pixels); search + graph took 1.2-1.45x less time (2026-11-26). The split is found from
-the layers' kernels and strides on one probe forward, only for layouts whose forward order is
-known (timm EfficientNet / MobileNet-style, torchvision and timm ResNets); anything else is
-scored whole. Callers verify the first incremental scores against whole forwards.
+the first block of the second (their 112 x 112 maps are a large share of a forward on a CPU),
+run on an 88 px crop. The split is found from the layers' kernels and strides on one probe
+forward, only for layouts whose forward order is known (timm EfficientNet / MobileNet-style,
+torchvision and timm ResNets); anything else is scored whole. Callers verify the first
+incremental scores against whole forwards.
 
 Geometry (all in input pixels): a prefix output cell ``c`` along a side sees at most the input
 ``[c * J - R, c * J + J - 1 + R]`` where ``J`` is the prefix's stride and ``R`` the sum over its

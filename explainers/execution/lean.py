@@ -1,21 +1,16 @@
-"""A lean copy of a classifier for explainers that only score images: batch norm folded away.
+"""A lean copy of a classifier for passes that only score images: batch norm folded away.
 
-SAG, Score-CAM's masked forwards and the deletion / insertion metrics push hundreds of images
-through the network and never look inside it, so they can run a copy in which every eval-mode
-batch norm that directly follows a convolution is folded into that convolution's weights and
-bias (``w' = w * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta``) and removed.
-That saves one pass over every feature map: efficientnet_lite0 forwards on the 2-core CPU took
-18 instead of 28 ms per image on random inputs, 11-14 instead of 14-16 ms on SAG's patch images
-(2026-11-26); on an H200 unfused batch norm was a fifth of the device time of an I-GOS++ run.
-I-GOS scores its path images on the copy too (channels-last; 12.1 instead of 21.6 s for the
-CPU preset); in float32 its accept / reject steps turn folding's rounding into a different,
-equally converged mask.
+Scoring passes (SAG's patch sets, Score-CAM's masked forwards, the metrics, I-GOS's path images)
+push hundreds of images through the network and never look inside it, so they can run a copy in
+which every eval-mode batch norm that directly follows a convolution is folded into that
+convolution's weights and bias (``w' = w * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v +
+eps) + beta``) and removed: one pass over every feature map less. In float32 the folding's
+rounding (~1e-6) can turn I-GOS's accept / reject steps into a different, equally converged
+mask; a seeded run still repeats exactly.
 
 The copy also swaps layers for ones computing the same function with less memory traffic
-(:mod:`explainers.lean_layers`): activations in place only without autograd, and on a CPU the
-"same" convolutions padded through their kernels (forward 14.1 instead of 17.6 ms per image,
-forward + backward 29.4 instead of 31.9; I-GOS++'s CPU preset 11.2 instead of 13.7 s and SAG
-9.7 instead of 11.5 s on the cat photo, alternated in one process, 2026-11-26).
+(:mod:`explainers.execution.lean_layers`): activations in place only without autograd, and on a
+CPU the "same" convolutions padded through their kernels.
 
 Which batch norm follows which convolution is read off one traced forward (the batch norm's
 input is the very tensor the convolution returned), so no architecture is hard-coded; timm's
@@ -29,19 +24,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import threading
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from explainers.lean_layers import activations_out_of_place_under_autograd, pad_through_kernels
+from explainers.execution.lean_layers import activations_out_of_place_under_autograd, pad_through_kernels
 
 logger = logging.getLogger(__name__)
-
-_lock = threading.Lock()
-_copies: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def _conv_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
@@ -93,8 +83,7 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 def ieee_float32() -> Iterator[None]:
     """Full float32 convolutions and matrix products on CUDA for the duration (no TF32). The
     fold check must measure folding's own rounding (~1e-6); under TF32 (cuDNN's default for
-    float32 convolutions) the two networks differed by 2.4-2.6e-3 on noisy I-GOS path images on
-    an H200 and the lean copy was refused."""
+    float32 convolutions) the two networks differ by about 1e-3 and the copy would be refused."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -110,7 +99,7 @@ def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 def fold_batch_norms(model: nn.Module, example: torch.Tensor, tolerance: float = 1e-3,
                      pad_in_kernels: bool = False) -> nn.Module | None:
     """A frozen eval-mode copy of ``model`` with batch norms folded into their convolutions
-    and activations out of place under autograd (:mod:`explainers.lean_layers`), with
+    and activations out of place under autograd (:mod:`explainers.execution.lean_layers`), with
     ``pad_in_kernels`` also its "same" convolutions padded through their kernels; ``None``
     when nothing folds or the copy's logits on ``example`` differ from the original's by more
     than ``tolerance`` relative to their largest magnitude."""
@@ -138,7 +127,7 @@ def fold_batch_norms(model: nn.Module, example: torch.Tensor, tolerance: float =
 
 
 def same_arithmetic_copy(model: nn.Module, example: torch.Tensor, tolerance: float = 1e-6) -> nn.Module | None:
-    """A frozen copy of ``model`` with only the layer swaps of :mod:`explainers.lean_layers`
+    """A frozen copy of ``model`` with only the layer swaps of :mod:`explainers.execution.lean_layers`
     (batch norm kept): the same forward arithmetic, so logits equal the model's (bit-identical
     for efficientnet_lite0 on the CPU); ``None`` when nothing was swapped or the logits on
     ``example`` differ by more than ``tolerance`` relative. For computations whose result
@@ -156,40 +145,4 @@ def same_arithmetic_copy(model: nn.Module, example: torch.Tensor, tolerance: flo
     return twin
 
 
-def _cached_copy(model: nn.Module, kind: str, make: Callable[[], nn.Module | None]) -> nn.Module:
-    """The copy of ``model`` cached under ``kind``, made once by ``make`` (``model`` itself when
-    ``make`` gives none or fails)."""
-    with _lock:
-        cached = _copies.get(model, {}).get(kind)
-    if cached is not None:
-        return cached
-    with _lock, torch.inference_mode(False):  # normal tensors, whatever mode the first caller is in
-        try:
-            twin = make() or model
-        except Exception as exc:  # TorchScript, exotic modules: never fail a request over speed
-            logger.warning("no %s copy of %s: %s", kind, type(model).__name__, exc)
-            twin = model
-        _copies.setdefault(model, {})[kind] = twin
-        return twin
-
-
-def lean_network(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The cached lean copy of ``model`` for ``example``'s device (channels-last on CUDA; "same"
-    padding through the kernels on a CPU, unmeasured on CUDA), built and verified on
-    ``example``'s first image; ``model`` itself when no lean copy can be made."""
-    if example.device.type == "cuda":
-        def make() -> nn.Module | None:
-            lean = fold_batch_norms(model, example[:1].clone())
-            return None if lean is None else lean.to(memory_format=torch.channels_last)
-        return _cached_copy(model, "lean-cuda", make)
-    return _cached_copy(model, "lean-cpu", lambda: fold_batch_norms(model, example[:1].clone(), pad_in_kernels=True))
-
-
-def same_arithmetic_network(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The cached :func:`same_arithmetic_copy` of ``model`` (a CPU's layer swaps; the layout
-    as loaded), verified on ``example``'s first image; ``model`` itself when none can be made."""
-    return _cached_copy(model, "same-arithmetic", lambda: same_arithmetic_copy(model, example[:1].clone()))
-
-
-__all__ = ["fold_batch_norms", "frozen_copy", "ieee_float32", "lean_network", "same_arithmetic_copy",
-           "same_arithmetic_network"]
+__all__ = ["fold_batch_norms", "frozen_copy", "ieee_float32", "same_arithmetic_copy"]

@@ -1,4 +1,4 @@
-"""Layer swaps for the private copies of :mod:`explainers.lean`: the same function, less memory traffic.
+"""Layer swaps for the private copies of :mod:`explainers.execution.lean`: the same function, less memory traffic.
 
 * TensorFlow "same" convolutions (timm's ``Conv2dSame``: efficientnet_lite0's stem and every
   stride-2 depthwise convolution) pad their input with ``F.pad`` on each call, one extra pass
@@ -11,11 +11,8 @@
   backward needs it), 33 clones per efficientnet_lite0 pass; out of place there is nothing to
   clone. Without autograd (inference mode) the activation stays in place (no new tensor).
 
-Measured on the 2-core CPU, efficientnet_lite0, 8 images of 224 px, lean copy, alternated in
-one process (2026-11-26): forward 17.8 instead of 20.9 ms per image, forward + backward 30.3
-instead of 36.0 ms per image (a second A/B: 14.1 against 17.6 and 29.4 against 31.9). The
-"same" padding swap is made on a CPU only (unmeasured on CUDA, where cuDNN picks kernels by
-shape).
+The "same" padding swap is made on a CPU only (on CUDA cuDNN picks kernels by shape). The
+measured gains are in docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.validation import validation_error_parts
+
 if TYPE_CHECKING:
-    from explainers.fastpath import FastPath
+    from explainers.execution import ExecutionPolicy
 
 
 class SettingsError(RuntimeError):
@@ -47,7 +49,8 @@ class CoreSettings(BaseSettings):
     scorecam_channels: int = Field(32, ge=0, description="channels the synchronous Score-CAM scores by default "
                                    "(fast mode); 0 = all channels (exact)")
     fast_precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="autocast precision of explainer forwards: auto = fp16 on CUDA, fp32 on the CPU")
+        "auto", description="precision of every explainer's forwards: auto = fp32 on the CPU and on CUDA fp16 "
+        "(scores, layer gradients) or bf16 (I-GOS's path gradients); fp16 / bf16 everywhere they apply")
     fast_channels_last: bool = Field(True, description="NHWC inputs/weights for explainer forwards")
     fast_compile: bool = Field(False, description="torch.compile the fixed-shape forwards and I-GOS's "
                                "network (CUDA only; workers compile I-GOS at start-up, ~35 s per shape)")
@@ -59,12 +62,14 @@ class CoreSettings(BaseSettings):
         "masked images, I-GOS's line-search trials, deletion / insertion curves): auto = ONNX Runtime when "
         "installed (about 1.5x PyTorch's eager forwards on efficientnet_lite0), else PyTorch")
 
-    def fast_path(self) -> FastPath:
-        """The explainers' execution options from these settings (imported lazily: settings stay light)."""
-        from explainers.fastpath import FastPath
+    def execution_policy(self) -> ExecutionPolicy:
+        """How explainers' forwards run under these settings (imported lazily: settings stay light)."""
+        from explainers.execution import ExecutionPolicy
 
-        return FastPath(precision=self.fast_precision, channels_last=self.fast_channels_last,
-                        compile=self.fast_compile, cuda_graphs=self.fast_cuda_graphs, cpu_runtime=self.cpu_runtime)
+        return ExecutionPolicy(precision=self.fast_precision, channels_last=self.fast_channels_last,
+                               compile=self.fast_compile, cuda_graphs=self.fast_cuda_graphs,
+                               cpu_runtime=self.cpu_runtime, memory_budget_mb=self.scorecam_memory_mb,
+                               warmup=self.fast_warmup)
 
     # --- job queue (Redis): shared by the API, the workers and `unbox serve` ---
     redis_url: str | None = Field(None, description="redis://host:port/db; unset: `unbox serve` embeds one")
@@ -175,13 +180,10 @@ class CoreSettings(BaseSettings):
 
 
 def readable_settings_error(exc: ValidationError) -> SettingsError:
-    """One message naming each bad ``UNBOX_*`` variable."""
-    lines = []
-    for err in exc.errors():
-        field = ".".join(str(part) for part in err["loc"]) or "settings"
-        shown = "(hidden)" if "secret" in field else repr(err.get("input"))  # never print a secret
-        lines.append(f"  UNBOX_{field.upper()}: {err['msg']} (got {shown})")
-    return SettingsError("invalid settings:\n" + "\n".join(lines))
+    """One message naming each bad ``UNBOX_*`` variable (a secret's value is never shown)."""
+    parts = validation_error_parts(exc.errors(), "settings", lambda field: f"UNBOX_{field.upper()}",
+                                   lambda field, given: "(hidden)" if "secret" in field else repr(given))
+    return SettingsError("invalid settings:\n" + "\n".join(f"  {part}" for part in parts))
 
 
 def load_core_settings(**overrides: object) -> CoreSettings:

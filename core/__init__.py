@@ -1,0 +1,1 @@
+"""What every Unbox process shares and nothing else owns: settings and the error formatter."""
