@@ -129,16 +129,9 @@ class CoreSettings(BaseSettings):
 
         return parse_networks(value) if isinstance(value, str) else value
 
-    @field_validator("job_method_modules", mode="before")
+    @field_validator("job_method_modules", "models", mode="before")
     @classmethod
-    def _split_modules(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [name.strip() for name in value.split(",") if name.strip()]
-        return value
-
-    @field_validator("models", mode="before")
-    @classmethod
-    def _split_models(cls, value: object) -> object:
+    def _split_names(cls, value: object) -> object:
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value

@@ -47,12 +47,10 @@ class MaskJobOptions(BaseModel):
 
 def mask_config(method: type[Method], params: JobParams) -> IGOSConfig:
     """The explainer's configuration: the preset, overridden by every field the client set."""
-    config = params.method_config(method)
-    assert isinstance(config, IGOSConfig) and isinstance(params, MaskJobOptions)
+    assert issubclass(method.Config, IGOSConfig) and isinstance(params, MaskJobOptions)
     if params.preset == "cpu":
-        chosen = {name: getattr(config, name) for name in params.model_fields_set if name in type(config).model_fields}
-        return type(config).cpu_preset(**chosen)
-    return config
+        return method.Config.cpu_preset(**params.chosen(method))
+    return method.Config(**params.chosen(method))
 
 
 def run_mask_job(method: type[Method], model: Any, image: Any, target: int | None, params: JobParams,

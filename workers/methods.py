@@ -62,10 +62,13 @@ class JobKind:
 class JobParams(BaseModel):
     """Job params: a method's config fields plus its kind's options (see :func:`job_method`)."""
 
+    def chosen(self, method: type[Method]) -> dict[str, Any]:
+        """The method's config fields the client set."""
+        return {name: getattr(self, name) for name in self.model_fields_set if name in method.Config.model_fields}
+
     def method_config(self, method: type[Method]) -> MethodConfig:
         """The method's config from the fields the client set (the defaults are the config's)."""
-        chosen = {name: getattr(self, name) for name in self.model_fields_set if name in method.Config.model_fields}
-        return method.Config(**chosen)
+        return method.Config(**self.chosen(method))
 
 
 _PLUGINS: dict[str, JobMethod] = {}

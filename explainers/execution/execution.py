@@ -212,9 +212,7 @@ class Execution:
         variants = self._variants
         if variants.onnx_available is None:
             variants.onnx_available = onnx_cpu.available()
-        if self.device.type != "cpu" or self.policy.cpu_runtime == "torch":
-            return False
-        return self.policy.cpu_runtime == "onnxruntime" or bool(variants.onnx_available)
+        return onnx_cpu.wanted(self.policy.cpu_runtime, self.device, variants.onnx_available)
 
     def exported(self, owner: nn.Module, name: str, module: Forward, example: torch.Tensor) -> Forward | None:
         """The ONNX Runtime session of ``module`` (part ``name`` of ``owner``), exported and
@@ -448,8 +446,7 @@ class Session:
             scorer.use_incremental()
         if scorer.autocast_dtype is None and execution.onnx_wanted():
             scorer.use_onnx_runtime(lambda name, module, example: execution.exported(network, name, module, example))
-        self._note("patch_sets", **scorer.facts())
-        return scorer
+        return scorer  # what scored the sets: scorer.facts(), read once the search is done
 
 
 __all__ = ["Execution", "Session", "layer_gradient_pass"]

@@ -41,11 +41,12 @@ def available() -> bool:
     return True
 
 
-def wanted(runtime: CpuRuntime, device: torch.device) -> bool:
-    """Whether ``runtime`` asks for ONNX Runtime on ``device`` (``auto``: on a CPU when installed)."""
+def wanted(runtime: CpuRuntime, device: torch.device, installed: bool | None = None) -> bool:
+    """Whether ``runtime`` asks for ONNX Runtime on ``device`` (``auto``: on a CPU when installed;
+    ``installed`` is :func:`available`'s answer when the caller already has it)."""
     if device.type != "cpu" or runtime == "torch":
         return False
-    return runtime == "onnxruntime" or available()
+    return runtime == "onnxruntime" or (available() if installed is None else installed)
 
 
 class OnnxForward:
