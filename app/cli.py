@@ -8,12 +8,14 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 from app import package_version
 from app.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from workers.supervisor import WorkerSupervisor
 
 
@@ -115,48 +117,132 @@ def _serve(settings: Settings, workers: int | None = None) -> int:
             embedded.close()
 
 
+def _explain_outputs(usage_error: Callable[[str], NoReturn], images: list[str], output: str | None,
+                     gray: str | None) -> list[tuple[Path, Path | None]]:
+    """(overlay, map) path per image. One image: ``-o`` / ``--map`` are files (default
+    overlay.png), or directories to write ``<stem>.overlay.png`` / ``<stem>.map.png`` into.
+    Several images: they are directories (``-o`` default: the current one), created if need be."""
+    several = len(images) > 1
+    stems = [Path(image).stem for image in images]
+    if several and len(set(stems)) < len(stems):
+        clash = next(stem for stem in stems if stems.count(stem) > 1)
+        usage_error(f"several images are named {clash!r}: their outputs would overwrite each other; "
+                    "explain them in separate runs")
+
+    def place(option: str, value: str | None, kind: str) -> list[Path | None]:
+        if value is None:
+            return [None] * len(images)
+        path = Path(value)
+        if several:
+            if path.exists() and not path.is_dir():
+                usage_error(f"{option} names a directory when explaining several images; {path} is a file")
+            if not path.exists() and path.suffix.lower() == ".png":
+                usage_error(f"{option} names a directory when explaining several images, not {path}")
+            path.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            return [path / f"{stem}.{kind}.png" for stem in stems]
+        return [path]
+
+    default = "." if several else "overlay.png"
+    overlays = [path for path in place("-o/--output", output if output is not None else default, "overlay") if path]
+    return list(zip(overlays, place("--map", gray, "map")))
+
+
 def _explain(args: argparse.Namespace, settings: Settings) -> int:
+    """``unbox explain IMAGE... [--target N]...``: each image's predictions, overlay and map.
+
+    Images are read and decoded one by one, explained ``--batch-size`` at a time (one batch per
+    model forward); an image that cannot be read or is rejected is reported with its path and
+    skipped. One image prints (and exits) as it always has; several print a block (or with
+    ``--json`` one JSON line) per image, and exit 1 if any image failed."""
     from app.intake import ImageRejected, decode_image
     from explainers.errors import ExplainError
-    from explainers.pipeline import explain_image
+    from explainers.pipeline import explain_images
     from models.catalog import load_catalog
     from models.registry import ModelRegistry, UnknownModelError
 
-    try:
-        data = Path(args.image).read_bytes()
-    except OSError as exc:
-        print(f"error: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
-        return 2
-    try:
-        image = decode_image(data, settings.max_image_pixels).image
-        # one explanation: nothing to gain from warming variants it may not use
-        policy = settings.execution_policy().with_changes(warmup=False)
-        registry = ModelRegistry(load_catalog(settings.catalog), settings.resolved_device(), policy)
-        model = registry.get(args.model)
-        result = explain_image(model, image, args.method, args.target, args.layer, args.top_k,
-                               settings.overlay_max_side)
-    except ImageRejected as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
-    except UnknownModelError:
-        print(f"error: unknown model {args.model!r}", file=sys.stderr)
-        return 2
-    except ExplainError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
-    Path(args.output).write_bytes(result.heatmap.overlay_png)
-    if args.map:
-        Path(args.map).write_bytes(result.heatmap.png)
-    if args.json:
-        print(json.dumps({"model": result.model, "method": result.method, "layer": result.layer,
-                          "target": vars(result.target), "predictions": [vars(p) for p in result.predictions],
-                          "grid": result.heatmap.grid, "timing_ms": result.timing_ms}, indent=2))
-    else:
-        for p in result.predictions:
-            print(f"{p.score:8.4f}  {p.index:5d}  {p.label}")
-        print(f"explained {result.target.label} ({result.target.index}) with {result.method} at "
-              f"{result.layer}; overlay written to {args.output}")
-    return 0
+    images: list[str] = args.images
+    given: list[int] = args.target or []
+    if len(given) not in (0, 1, len(images)):
+        args.usage_error(f"--target: give one for every image or one per image ({len(images)} images), "
+                         f"not {len(given)}")
+    targets: list[int | None] = (given * len(images) if len(given) == 1 else list(given)) or [None] * len(images)
+    outputs = _explain_outputs(args.usage_error, images, args.output, args.map)
+    several = len(images) > 1
+    model = None  # loaded with the first batch, so that a lone bad image fails fast
+    failed = 0
+
+    def report(path: str, message: str) -> None:
+        nonlocal failed
+        failed += 1
+        print(f"error: {path}: {message}" if several else f"error: {message}", file=sys.stderr, flush=True)
+
+    def explain_batch(batch: list[tuple[int, Image.Image]]) -> int | None:
+        """Explain and write one batch; an exit code when nothing more can be explained."""
+        nonlocal model
+        try:
+            if model is None:
+                # explanations of one kind: nothing to gain from warming variants they may not use
+                policy = settings.execution_policy().with_changes(warmup=False)
+                registry = ModelRegistry(load_catalog(settings.catalog), settings.resolved_device(), policy)
+                model = registry.get(args.model)
+                classes = len(model.labels)
+                outside = sorted({t for t in targets if t is not None and not 0 <= t < classes})
+                if outside:
+                    print(f"error: target must be a class index in [0, {classes - 1}], got {outside[0]}",
+                          file=sys.stderr)
+                    return 2
+            chosen = [targets[index] for index, _ in batch]
+            results = explain_images(model, [image for _, image in batch], args.method,
+                                     None if chosen[0] is None else chosen, args.layer, args.top_k,
+                                     settings.overlay_max_side)
+        except UnknownModelError:
+            print(f"error: unknown model {args.model!r}", file=sys.stderr)
+            return 2
+        except ExplainError as exc:  # the method, layer or model, not an image: every batch would fail
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 2
+        for (index, _), result in zip(batch, results):
+            overlay, gray = outputs[index]
+            overlay.write_bytes(result.heatmap.overlay_png)
+            if gray is not None:
+                gray.write_bytes(result.heatmap.png)
+            record = {"model": result.model, "method": result.method, "layer": result.layer,
+                      "target": vars(result.target), "predictions": [vars(p) for p in result.predictions],
+                      "grid": result.heatmap.grid, "timing_ms": result.timing_ms}
+            if args.json and not several:
+                print(json.dumps(record, indent=2))
+            elif args.json:  # JSON Lines: one record per image, in the order given
+                files = {"overlay": str(overlay), **({"map": str(gray)} if gray is not None else {})}
+                print(json.dumps({"image": images[index], **files, **record}), flush=True)
+            else:
+                indent = "  " if several else ""
+                lines = [f"{indent}{p.score:8.4f}  {p.index:5d}  {p.label}" for p in result.predictions]
+                lines.append(f"{indent}explained {result.target.label} ({result.target.index}) with "
+                             f"{result.method} at {result.layer}; overlay written to {overlay}")
+                print("\n".join(([images[index]] if several else []) + lines), flush=True)
+        return None
+
+    pending: list[tuple[int, Image.Image]] = []
+    for index, path in enumerate(images):
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            failed += 1
+            print(f"error: cannot read {path}: {exc.strerror}", file=sys.stderr, flush=True)
+            continue
+        try:
+            pending.append((index, decode_image(data, settings.max_image_pixels).image))
+        except ImageRejected as exc:
+            report(path, exc.message)
+            continue
+        if len(pending) == args.batch_size:
+            if (code := explain_batch(pending)) is not None:
+                return code
+            pending = []
+    if pending and (code := explain_batch(pending)) is not None:
+        return code
+    return 0 if not failed else 1 if several else 2
 
 
 def _keys(args: argparse.Namespace, settings: Settings) -> int:
@@ -246,16 +332,29 @@ def build_parser() -> argparse.ArgumentParser:
         "(systemd), docs/deploy/kubernetes-worker.yaml.")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     _add_keys_parser(commands)
-    explain = commands.add_parser("explain", help="explain one image offline, no server")
-    explain.add_argument("image")
-    explain.add_argument("--method", default="gradcam", help="gradcam (default) or cam")
+    explain = commands.add_parser("explain", help="explain images offline, no server",
+                                  description="Explain images offline, no server: one --target for every "
+                                  "image or one per image; several images are explained --batch-size at a "
+                                  "time, each one's files named after it.")
+    explain.add_argument("images", nargs="+", metavar="IMAGE", help="one or more image files")
+    explain.add_argument("--method", default="gradcam", help="a synchronous method of the registry (the CAM "
+                         "family, rollout; a wrong name lists them); default gradcam")
     explain.add_argument("--model", default="efficientnet_lite0")
-    explain.add_argument("--target", type=int, default=None, help="class index (default: top-1)")
+    explain.add_argument("--target", type=int, action="append", default=None, metavar="N",
+                         help="class index (default: each image's top-1); once for every image, or once "
+                         "per image in the order given")
     explain.add_argument("--layer", default=None, help="module path (default: the model's)")
     explain.add_argument("--top-k", type=int, default=5)
-    explain.add_argument("-o", "--output", default="overlay.png", help="overlay PNG to write")
-    explain.add_argument("--map", default=None, help="also write the grayscale map PNG here")
-    explain.add_argument("--json", action="store_true", help="print the result as JSON")
+    explain.add_argument("--batch-size", type=bounded_int(1, 256), default=8, metavar="N",
+                         help="images per model forward, 1-256 (default: 8)")
+    explain.add_argument("-o", "--output", default=None,
+                         help="overlay PNG to write (default: overlay.png); with several images (or when "
+                         "it is a directory) the directory for <name>.overlay.png (default: .)")
+    explain.add_argument("--map", default=None, help="also write the grayscale map PNG here (with several "
+                         "images: a directory, for <name>.map.png)")
+    explain.add_argument("--json", action="store_true", help="print the result as JSON (several images: "
+                         "one JSON line each, with its image and files)")
+    explain.set_defaults(usage_error=explain.error)  # exit 2 with this command's usage
     return parser
 
 

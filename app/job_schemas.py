@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, Field, RootModel, WithJsonSchema
 
 from app.schemas import HeatmapOut, PredictionOut
+from explainers.registry import names_of
 
 # Filled in by app.openapi with the server's job method names.
 JOB_METHOD_MARK = {"x-unbox-fill": "job_methods"}
@@ -75,9 +76,9 @@ class JobHeatmap(HeatmapOut):
 
 
 class CamJobResult(_ResultBase):
-    """A Grad-CAM / Score-CAM job: the same shape as ``POST /v1/explain``'s answer."""
+    """A heat-map job (the CAM family, rollout): the same shape as ``POST /v1/explain``'s answer."""
 
-    method: Literal["gradcam", "scorecam", "cam"]
+    method: Literal[names_of("heatmap")]  # type: ignore[valid-type]
     layer: str | None
     heatmap: JobHeatmap
     details: dict[str, Any] = Field(description="what ran: precision; for Score-CAM mode, channels, "
@@ -106,7 +107,7 @@ class Faithfulness(BaseModel):
 class IgosJobResult(_ResultBase):
     """An I-GOS / I-GOS++ job: mask, heat map, deletion/insertion scores."""
 
-    method: Literal["igos", "igos++"]
+    method: Literal[names_of("mask")]  # type: ignore[valid-type]
     heatmap: JobHeatmap
     mask: IgosMask
     metrics: Faithfulness
@@ -148,7 +149,7 @@ class PatchEdges(BaseModel):
 class SagJobResult(_ResultBase):
     """A Structured Attention Graph job: roots, graph, drawings."""
 
-    method: Literal["sag"]
+    method: Literal[names_of("graph")]  # type: ignore[valid-type]
     full_score: float
     threshold: float
     graph_threshold: float

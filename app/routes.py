@@ -50,7 +50,8 @@ async def predict(request: Request, image: ImageField, model: ModelField = DEFAU
 async def explain(
     request: Request,
     image: ImageField,
-    method: Annotated[str, Form(description="gradcam (default), scorecam or cam",
+    method: Annotated[str, Form(description="a synchronous method of the registry (the enum): the CAM family, rollout; "
+                                "default gradcam",
                                 json_schema_extra=SYNC_METHOD_NAMES)] = "gradcam",
     model: ModelField = DEFAULT_MODEL,
     target: Annotated[int | None, Form(description="class index to explain, below the model's class count; "

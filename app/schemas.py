@@ -40,7 +40,7 @@ class HeatmapOut(BaseModel):
 
 class ExplainResponse(BaseModel):
     model: str
-    method: Literal["gradcam", "scorecam", "cam"]
+    method: Literal[SYNCHRONOUS]  # type: ignore[valid-type]
     layer: str | None
     target: PredictionOut
     predictions: list[PredictionOut]
@@ -160,7 +160,8 @@ ERROR_STATUSES: dict[int, tuple[str, dict[str, Any]]] = {
     413: ("too many bytes or pixels (payload_too_large, upload_too_large, too_many_pixels)", {}),
     415: ("not an image in a supported format (unsupported_format)", {}),
     422: ("invalid parameter (invalid_parameter, unknown_model, unknown_method, unknown_layer, invalid_target, "
-          "invalid_callback_url, too_costly, idempotency_key_reused ...)", {}),
+          "layer_unsupported, cam_unsupported, method_unsupported, invalid_callback_url, too_costly, "
+          "idempotency_key_reused ...)", {}),
     429: ("rate_limited (requests per minute) or quota_exceeded (jobs queued or running)",
           {**RETRY_AFTER, **RATE_LIMIT_HEADERS}),
     500: ("internal_error: a bug; see the server log", {}),

@@ -249,14 +249,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
+def prepare(args: argparse.Namespace) -> tuple[torch.device, ExecutionPolicy]:
+    """The device and our execution policy for a run (CPU: exact fp32; CUDA: the options),
+    with the memory budget defaulted and pytorch-grad-cam's progress bars silenced."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     if args.memory_mb is None:
         args.memory_mb = 4096.0 if device.type == "cuda" else 512.0
-    if args.reference_repeats is None:
-        args.reference_repeats = args.repeats if device.type == "cuda" else 1
     policy = ExecutionPolicy() if device.type != "cuda" else ExecutionPolicy(  # CPU: exact fp32
         precision=args.precision, compile=args.compile, cuda_graphs=not args.no_graphs)
     warnings.filterwarnings("ignore")
@@ -268,6 +267,14 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass
     args.fast, args.device_used = policy, device
+    return device, policy
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    device, policy = prepare(args)
+    if args.reference_repeats is None:
+        args.reference_repeats = args.repeats if device.type == "cuda" else 1
     info = machine(device)
     rows: list[Row] = []
     for name in args.models:

@@ -6,7 +6,8 @@
 #                                        # budget is 15 minutes, machine start included)
 #   QUICK=1 bash bench/gpu_session.sh    # smoke run of the same steps (also works on a CPU)
 #   STEPS="igos cams" bash bench/gpu_session.sh   # some of the steps (igos, igos_tuned, profile, sag,
-#                                                 # sag_incremental, cams, quirks, variants, variants_compile)
+#                                                 # sag_incremental, cams, cams_transformers, quirks,
+#                                                 # variants, variants_compile)
 #
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site).
 # Each benchmark runs under its own time limit so that one hang cannot eat the others; logs
@@ -40,7 +41,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, keep the log, show i
     tail -n "${TAIL:-22}" "$OUT/$name.log"
 }
 
-for name in ${STEPS:-variants quirks sag cams variants_compile}; do
+for name in ${STEPS:-variants quirks sag cams cams_transformers variants_compile}; do
     case $name in
         igos) step igos "${IGOS_LIMIT:-200}" $PY -m bench.igos --repeats 3 --speed-models convnext_tiny "${quick[@]}" ;;
         igos_tuned) step igos_tuned "${IGOS_LIMIT:-200}" $PY -m bench.igos --repeats 3 --speed-models convnext_tiny \
@@ -55,6 +56,8 @@ for name in ${STEPS:-variants quirks sag cams variants_compile}; do
             step sag_incremental "${SAG_LIMIT:-120}" $PY -m bench.sag --repeats 3 --no-unbatched --incremental on \
                 --images chelsea coffee --no-append "${quick[@]}" ;;
         cams) step cams "${CAMS_LIMIT:-200}" $PY -m bench.cams "${quick[@]}" ;;
+        cams_transformers) step cams_transformers "${CAMS_TF_LIMIT:-240}" $PY -m bench.cams_transformers \
+            "${quick[@]}" ;;
         quirks)  # I-GOS++ at the reference settings over 5 seeds: ours, then the reference's habits
             step quirks_ours "${QUIRKS_LIMIT:-150}" $PY -m bench.igos_quirks --preset reference --seeds 0 1 2 3 4
             step quirks_all "${QUIRKS_LIMIT:-150}" $PY -m bench.igos_quirks --preset reference --seeds 0 1 2 3 4 --all ;;

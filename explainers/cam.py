@@ -1,8 +1,11 @@
 """Class activation maps: CAM, Grad-CAM and Score-CAM.
 
-Every method weights the channels of one layer's activations ``A`` (``B x K x h x w``) and
-returns ``ReLU(sum_k w_k A_k)`` normalised to [0, 1] at feature resolution. The methods only
-differ in :meth:`ActivationCAM.channel_weights`; how the forwards run is the execution's.
+Every method forms one map ``M`` (``B x h x w``) from a layer's activations ``A``
+(``B x K x h x w``) and returns ``ReLU(M)`` normalised to [0, 1] at feature resolution. For the
+channel-weighted methods here ``M = sum_k w_k A_k`` and they only differ in
+:meth:`ActivationCAM.channel_weights`; methods that are not channel-weighted (HiResCAM, LayerCAM,
+Eigen-CAM in :mod:`explainers.gradient_cams`) override :meth:`ActivationCAM.cam_map`. How the
+forwards run is the execution's.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from explainers.result import Explanation, normalize_maps, resolve_targets
 
 
 class ActivationCAM(Method):
-    """Shared capture and post-processing; subclasses define the channel weights."""
+    """Shared capture and post-processing; subclasses define the channel weights (or the map)."""
 
     synchronous = True
     needs_layer = True
@@ -44,14 +47,20 @@ class ActivationCAM(Method):
         """``B x K`` weight per channel and image."""
         raise NotImplementedError
 
+    def cam_map(self, session: Session, inputs: torch.Tensor, activations: torch.Tensor,
+                logits: torch.Tensor, targets: torch.Tensor, gradients: torch.Tensor | None) -> torch.Tensor:
+        """The ``B x h x w`` map before the ReLU: by default ``sum_k w_k A_k`` with
+        :meth:`channel_weights`; methods that are not channel-weighted override this."""
+        weights = self.channel_weights(session, inputs, activations, logits, targets, gradients)
+        with torch.no_grad():
+            return torch.einsum("bk,bkhw->bhw", weights.float(), activations.detach().float())
+
     def explain(self, inputs: torch.Tensor, targets: Targets = None, progress: Progress | None = None) -> Explanation:
         """Saliency maps for a normalised batch; ``targets`` default to each image's top-1."""
         session = self.execution.session()
         logits, activations, chosen, gradients = self._activations(session, inputs, targets)
         self.details: dict[str, Any] = {}
-        weights = self.channel_weights(session, inputs, activations, logits, chosen, gradients)
-        with torch.no_grad():
-            maps = torch.einsum("bk,bkhw->bhw", weights.float(), activations.detach().float()).clamp_min_(0)
+        maps = self.cam_map(session, inputs, activations, logits, chosen, gradients).detach().float().clamp_min(0)
         ran = session.ran("layer_gradients" if self.needs_gradient else "capture")
         details = {"precision": ran["precision"], **self.details}
         if ran.get("cuda_graph"):

@@ -62,6 +62,7 @@ class Method(ABC):
     synchronous: ClassVar[bool] = False  # cheap enough for a synchronous HTTP answer
     result_kind: ClassVar[ResultKind] = "heatmap"
     needs_layer: ClassVar[bool] = False
+    uses_layer: ClassVar[bool] = True  # False: reads the whole network (rollout), never a default layer
     description: ClassVar[str] = ""
 
     def __init__(self, execution: Execution, config: MethodConfig | None = None, layer: str | None = None,

@@ -1,4 +1,5 @@
-"""One image in, prediction + explanation + pictures out: shared by the API, CLI and workers.
+"""One image in, prediction + explanation + pictures out: shared by the API, CLI and workers
+(:func:`explain_images` does several in one batch).
 
 It only relies on the duck-typed model handle below (the catalogue's ``LoadedModel`` fits),
 so explainers stay independent of how models are built and stored.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,10 +19,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from explainers.errors import ExplainError
 from explainers.execution import Execution
-from explainers.method import Method, MethodConfig, Normalization
+from explainers.method import Method, MethodConfig, Normalization, Targets
 from explainers.metrics import MetricUnit, map_metrics
-from explainers.registry import create
+from explainers.registry import create, method_class
 from explainers.render import blend, encode_png, fit_within, to_uint8
 from explainers.result import Explanation
 
@@ -106,7 +109,15 @@ def target_prediction(logits: torch.Tensor, labels: tuple[str, ...], index: int)
 
 def make_explainer(method: str, model: ModelHandle, layer: str | None = None, config: MethodConfig | None = None,
                    synchronous: bool = False) -> Method:
-    """The method ``method`` bound to ``model``'s execution at ``layer`` (default: the model's)."""
+    """The method ``method`` bound to ``model``'s execution at ``layer`` (default: the model's).
+
+    A method that reads no layer (``uses_layer = False``: attention rollout) gets none, and a
+    layer asked for it is ``invalid_parameter`` rather than silently ignored."""
+    if not method_class(method, synchronous).uses_layer:
+        if layer is not None:
+            raise ExplainError("invalid_parameter", f"method {method} reads every block of the model and takes "
+                               f"no layer (got {layer!r})")
+        return create(method, model.execution, config, None, model.normalization, synchronous)
     return create(method, model.execution, config, layer or model.default_layer, model.normalization, synchronous)
 
 
@@ -168,3 +179,55 @@ def explain_image(model: ModelHandle, image: Image.Image, method: str = "gradcam
             **({"metrics": round((time.perf_counter() - finished) * 1e3, 2)} if metrics else {}),
         },
     )
+
+
+def explain_images(model: ModelHandle, images: Sequence[Image.Image], method: str = "gradcam",
+                   targets: Targets = None, layer: str | None = None, top_k: int = 5,
+                   overlay_max_side: int = 1024, config: MethodConfig | None = None,
+                   map_at_display_size: bool = False) -> list[ImageExplanation]:
+    """:func:`explain_image` for several images in one batch: each image is preprocessed on
+    its own (any size; the preprocessor makes every input the model's size), the batch goes
+    through one ``explain`` of the synchronous ``method``, and each image gets its own result.
+
+    ``targets``: ``None`` (each image's top-1), one class for all, or one per image (see
+    :func:`explainers.result.resolve_targets`). Each result's ``timing_ms`` has its own image's
+    ``preprocess`` and ``render`` times and the whole batch's ``explain`` time; its
+    ``explanation`` is the batch's, sliced to that image. The caller bounds the batch size."""
+    if not images:
+        raise ExplainError("invalid_parameter", "no images to explain")
+    explainer = make_explainer(method, model, layer, config, synchronous=True)
+    prepare_ms = []
+    inputs = []
+    for image in images:
+        started = time.perf_counter()
+        inputs.append(model.preprocessor.to_input(image)[0])
+        prepare_ms.append((time.perf_counter() - started) * 1e3)
+    batch = torch.cat(inputs)
+    started = time.perf_counter()
+    explanation = explainer.explain(batch, targets)
+    explain_ms = (time.perf_counter() - started) * 1e3
+    results = []
+    for b, image in enumerate(images):
+        started = time.perf_counter()
+        logits = explanation.logits[b]
+        pictures = render_pictures(image, explanation.saliency[b], model.preprocessor, overlay_max_side,
+                                   map_at_display_size)
+        render_ms = (time.perf_counter() - started) * 1e3
+        own = Explanation(explanation.method, explanation.saliency[b:b + 1], explanation.logits[b:b + 1],
+                          explanation.targets[b:b + 1], explanation.layer, explanation.details)
+        results.append(ImageExplanation(
+            model=model.name,
+            method=method,
+            layer=explainer.layer,
+            target=target_prediction(logits, model.labels, int(explanation.targets[b])),
+            predictions=top_predictions(logits, model.labels, top_k),
+            heatmap=pictures,
+            explanation=own,
+            timing_ms={
+                "preprocess": round(prepare_ms[b], 2),
+                "explain": round(explain_ms, 2),
+                "render": round(render_ms, 2),
+                "total": round(prepare_ms[b] + explain_ms + render_ms, 2),
+            },
+        ))
+    return results

@@ -10,13 +10,21 @@ from __future__ import annotations
 from explainers.cam import CAM, GradCAM, ScoreCAM
 from explainers.errors import ExplainError
 from explainers.execution import Execution
+from explainers.gradient_cams import EigenCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from explainers.igos import IGOS, IGOSPlusPlus
-from explainers.method import IMAGENET, Method, MethodConfig, Normalization
+from explainers.method import IMAGENET, Method, MethodConfig, Normalization, ResultKind
+from explainers.rollout import AttentionRollout
 from explainers.sag import SAG
 
-METHOD_CLASSES: tuple[type[Method], ...] = (GradCAM, ScoreCAM, CAM, IGOS, IGOSPlusPlus, SAG)
+METHOD_CLASSES: tuple[type[Method], ...] = (GradCAM, ScoreCAM, CAM, GradCAMPlusPlus, XGradCAM, LayerCAM, HiResCAM,
+                                            EigenCAM, AttentionRollout, IGOS, IGOSPlusPlus, SAG)
 METHODS: dict[str, type[Method]] = {method.name: method for method in METHOD_CLASSES}
 SYNCHRONOUS: tuple[str, ...] = tuple(sorted(name for name, method in METHODS.items() if method.synchronous))
+
+
+def names_of(kind: ResultKind) -> tuple[str, ...]:
+    """The registered methods whose result is ``kind``, in registration order (schemas list them)."""
+    return tuple(name for name, method in METHODS.items() if method.result_kind == kind)
 
 
 def method_class(name: str, synchronous: bool = False) -> type[Method]:
@@ -35,4 +43,4 @@ def create(name: str, execution: Execution, config: MethodConfig | None = None, 
     return method_class(name, synchronous)(execution, config, layer, normalization)
 
 
-__all__ = ["METHODS", "METHOD_CLASSES", "SYNCHRONOUS", "create", "method_class"]
+__all__ = ["METHODS", "METHOD_CLASSES", "SYNCHRONOUS", "create", "method_class", "names_of"]

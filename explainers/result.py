@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,17 +35,53 @@ def normalize_maps(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
 
 
 def resolve_targets(logits: torch.Tensor, targets: int | list[int] | torch.Tensor | None) -> torch.Tensor:
-    """Target class per image: the given indices (validated) or each image's top-1."""
+    """Target class per image of the batch whose ``logits`` (``B x classes``) are given.
+
+    ``targets`` is ``None`` (each image's top-1), one integer (every image), or one integer per
+    image: a list / tuple of length ``B`` or a 1-D integer tensor of length ``B``. Another
+    length, a float, a bool or a nested shape is ``invalid_parameter``; an index outside
+    ``[0, classes)`` is ``invalid_target`` (the code the API gives the same mistake)."""
     from explainers.errors import ExplainError
 
     batch, classes = logits.shape
     if targets is None:
         return logits.argmax(dim=1)
-    tensor = torch.as_tensor(targets, dtype=torch.long, device=logits.device).reshape(-1)
-    if tensor.numel() == 1 and batch > 1:
-        tensor = tensor.expand(batch)
-    if tensor.numel() != batch:
-        raise ExplainError("invalid_target", f"{tensor.numel()} targets for a batch of {batch}")
-    if bool(((tensor < 0) | (tensor >= classes)).any()):
-        raise ExplainError("invalid_target", f"target must be a class index in [0, {classes - 1}]")
-    return tensor
+    per_image = "give one int for every image or one per image (a list or 1-D tensor of the batch's length)"
+    if getattr(targets, "ndim", 0) and not isinstance(targets, torch.Tensor):  # a NumPy array
+        targets = torch.as_tensor(targets)
+    if isinstance(targets, torch.Tensor):
+        if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+            raise ExplainError("invalid_parameter", f"targets must be integer class indices, got a {targets.dtype} "
+                               f"tensor")
+        if targets.dim() > 1:
+            raise ExplainError("invalid_parameter", f"targets must be a 1-D tensor, got shape "
+                               f"{tuple(targets.shape)}; {per_image}")
+        given = targets.to(device=logits.device, dtype=torch.long)
+    else:
+        several = isinstance(targets, (list, tuple))
+        values = list(targets) if several else [targets]
+        try:
+            if any(isinstance(value, bool) for value in values):
+                raise TypeError
+            indices = [operator.index(value) for value in values]
+        except TypeError:
+            raise ExplainError("invalid_parameter", f"targets must be integer class indices, got {targets!r}; "
+                               f"{per_image}") from None
+        if several and len(indices) != batch:
+            raise ExplainError("invalid_parameter", f"{len(indices)} target{'' if len(indices) == 1 else 's'} "
+                               f"for a batch of {batch} image{'' if batch == 1 else 's'}; {per_image}")
+        outside = [index for index in indices if not 0 <= index < classes]
+        if outside:  # checked before torch.tensor, which may overflow
+            raise ExplainError("invalid_target", f"target must be a class index in [0, {classes - 1}], got "
+                               f"{outside if several else outside[0]}")
+        given = torch.tensor(indices if several else indices[0], dtype=torch.long, device=logits.device)
+    if given.dim() == 0:
+        given = given.expand(batch)
+    if given.numel() != batch:
+        raise ExplainError("invalid_parameter", f"{given.numel()} target{'' if given.numel() == 1 else 's'} "
+                           f"for a batch of {batch} image{'' if batch == 1 else 's'}; {per_image}")
+    outside = (given < 0) | (given >= classes)
+    if bool(outside.any()):
+        raise ExplainError("invalid_target", f"target must be a class index in [0, {classes - 1}], got "
+                           f"{given[outside].tolist()}")
+    return given

@@ -151,8 +151,11 @@ class SAG(Method):
         ``progress(fraction, stage)`` is called after the ordering, each search step and each
         graph level; an exception it raises (a cancelled job) stops the search there.
         """
-        if inputs.dim() != 4 or inputs.shape[0] != 1:
+        if inputs.dim() != 4:
             raise ExplainError("invalid_input", "SAG explains one image at a time (1 x 3 x H x W)")
+        if inputs.shape[0] != 1:
+            raise ExplainError("invalid_parameter", f"SAG explains one image at a time (a batch of 1 x 3 x H x W), "
+                               f"got a batch of {inputs.shape[0]}: explain the images one by one")
         cfg = self.config
         report = progress or no_progress
         timings: dict[str, float] = {}

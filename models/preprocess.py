@@ -2,7 +2,9 @@
 
 ``squash`` resizes the whole image to the model's square input, so a heat map covers the whole
 upload; ``center_crop`` resizes the short side and crops the centre, so the map covers only the
-crop (the rest of the image was never seen by the model and gets zero saliency).
+crop (the rest of the image was never seen by the model and gets zero saliency). The crop is the
+centre square of ``crop_pct`` of the short side (1.0: the whole short side; "resize the short
+side to 256, crop 224" is 224 / 256), resampled to the input size in one step.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Preprocessor:
     def __init__(self, spec: ModelSpec, device: torch.device) -> None:
         self.size = spec.input_size
         self.resize = spec.resize
+        self.crop_pct = spec.crop_pct
         self.device = device
         self.mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
@@ -40,7 +43,7 @@ class Preprocessor:
         """The region of a ``width`` x ``height`` image that the model input covers."""
         if self.resize == "squash":
             return Geometry(width, height, (0.0, 0.0, float(width), float(height)))
-        side = float(min(width, height))
+        side = float(min(width, height)) * self.crop_pct
         left, top = (width - side) / 2, (height - side) / 2
         return Geometry(width, height, (left, top, left + side, top + side))
 

@@ -13,6 +13,7 @@ from torch import nn
 from explainers.execution import Execution, ExecutionPolicy
 from models.build import ModelBuildError, build_module
 from models.catalog import ModelSpec
+from models.default_layers import default_layer
 from models.labels import load_labels
 from models.preprocess import Preprocessor
 
@@ -61,26 +62,6 @@ class LoadedModel:
         """Raw class scores for a normalised batch, without autograd."""
         with torch.inference_mode():
             return self.module(inputs)
-
-
-def _last_feature_map_layer(module: nn.Module, size: int) -> str | None:
-    """The module whose spatial (4-D, more than 1 x 1) output fires last in a forward pass:
-    the usual CAM layer (global pooling, whose output is 1 x 1, is skipped)."""
-    fired: list[str] = []
-    handles = []
-    for name, sub in module.named_modules():
-        if name:
-            handles.append(sub.register_forward_hook(
-                lambda _m, _i, out, name=name: fired.append(name)
-                if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1
-                else None))
-    try:
-        with torch.inference_mode():
-            module(torch.zeros(1, 3, size, size, device=next(module.parameters()).device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return fired[-1] if fired else None
 
 
 class ModelRegistry:
@@ -148,7 +129,7 @@ class ModelRegistry:
         scripted = isinstance(module, torch.jit.ScriptModule)
         layer = spec.target_layer
         if layer is None and not scripted:
-            layer = _last_feature_map_layer(module, spec.input_size)
+            layer = default_layer(module, spec.input_size)
         probe = torch.zeros(1, 3, spec.input_size, spec.input_size, device=self.device)
         with torch.inference_mode():
             out = module(probe)

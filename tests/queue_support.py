@@ -83,6 +83,13 @@ labels = "imagenet"
 input_size = 64
 target_layer = "layer4"
 description = "ResNet-18 with random weights at 64 px: a job costs milliseconds (queue load tests)"
+
+[models.tiny_vit]
+source = "timm:deit_tiny_distilled_patch16_224"
+labels = "imagenet"
+input_size = 64
+options = { img_size = 64, depth = 2, embed_dim = 48, num_heads = 3 }
+description = "a distilled DeiT (two prefix tokens) of two blocks, random weights, at 64 px"
 """
 
 

@@ -184,6 +184,33 @@ def test_cat_photo_predictions_and_both_heatmaps(page, chelsea: Image.Image, art
     assert label in page.text_content("#explain-target")
 
 
+def test_every_synchronous_method_is_offered(page, server: str, chelsea: Image.Image, artifacts: Path) -> None:
+    """The "more heat maps" panel lists the server's other synchronous methods (the /v1/explain
+    method enum), under readable titles, and draws the one chosen."""
+    document = httpx.get(server + "/openapi.json", timeout=30).json()
+    enum = document["components"]["schemas"]["Body_explain_v1_explain_post"]["properties"]["method"]["enum"]
+    upload(page, "chelsea.jpg", jpeg_bytes(chelsea), "image/jpeg")
+    page.wait_for_selector("#panel-more:not([hidden])")
+    options = dict(page.eval_on_selector_all("#more-method option", "os => os.map(o => [o.value, o.textContent])"))
+    assert set(options) == set(enum) - {"gradcam", "scorecam"}  # those two have their own panels
+    titles = {"cam": "CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM",
+              "hirescam": "HiResCAM", "eigencam": "Eigen-CAM"}
+    assert {name: options.get(name) for name in titles} == titles
+    assert page.input_value("#more-method") == "gradcam++"
+    wait_for_overlay(page, "panel-more")
+    label = page.text_content("#predictions li:first-child .prediction-label")
+    assert page.text_content("#panel-more [data-role=meta]").startswith(label)
+
+    page.select_option("#more-method", "eigencam")
+    assert "class-agnostic" in page.text_content("#panel-more [data-role=desc]")
+    page.wait_for_function("() => { const img = document.querySelector('#panel-more [data-role=overlay]');"
+                           " return !img.hidden && img.complete && img.naturalWidth > 0"
+                           " && img.alt.startsWith('Eigen-CAM heat map for'); }")
+    assert "-eigencam-" in page.get_attribute("#panel-more .download:has-text('JSON')", "download")
+    assert page.is_hidden("#panel-more [data-role=error]")
+    page.locator("#panel-more").screenshot(path=str(artifacts / "dashboard-more-heatmaps.png"))
+
+
 def test_text_file_and_oversize_image_show_readable_errors(page, artifacts: Path) -> None:
     upload(page, "notes.txt", b"not an image, just some words\n" * 20, "text/plain")
     alert = page.locator("#intake-error")

@@ -119,9 +119,11 @@ def test_key_form_refusal_then_key_for_this_session_only(session, keys, artifact
     first = session()
     page = first.page
 
-    # The models call got 401: the form appears, with focus in its labelled password input.
+    # The first API call (the method list or the models) got 401: the form appears, with focus
+    # in its labelled password input.
     page.wait_for_selector("#key-panel:not([hidden])")
-    assert ("/v1/models", 401) in [(u.removeprefix(first.url), s) for u, s in first.statuses]
+    refused = {u.removeprefix(first.url) for u, s in first.statuses if s == 401}
+    assert refused & {"/v1/models", "/v1/jobs/methods"}, first.statuses
     field = page.get_by_label("API key", exact=True)
     assert field.get_attribute("type") == "password" and field.get_attribute("id") == "key-input"
     assert page.evaluate("document.activeElement.id") == "key-input"

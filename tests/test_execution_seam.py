@@ -21,7 +21,7 @@ from explainers.method import Method, MethodConfig
 from explainers.registry import METHODS, SYNCHRONOUS, create
 
 EXPLAINERS = Path(__file__).resolve().parents[1] / "explainers"
-METHOD_FILES = ("cam.py", "igos.py", "sag.py", "metrics.py")
+METHOD_FILES = ("cam.py", "gradient_cams.py", "igos.py", "sag.py", "metrics.py", "rollout.py")
 SPEED_MODULES = ("fastpath", "lean", "lean_layers", "onnx_cpu", "incremental", "batching", "cuda", "patch_scorer",
                  "policy")
 
@@ -86,7 +86,8 @@ def test_every_method_has_one_contract():
         assert issubclass(method.Config, MethodConfig)
         parameters = list(inspect.signature(method.explain).parameters)
         assert parameters[:4] == ["self", "inputs", "targets", "progress"], (name, parameters)
-    assert set(SYNCHRONOUS) == {"cam", "gradcam", "scorecam"}
+    assert set(SYNCHRONOUS) == {"cam", "gradcam", "scorecam", "rollout", "gradcam++", "xgradcam", "layercam",
+                                "hirescam", "eigencam"}
 
 
 def test_job_parameters_are_the_method_configs():

@@ -30,7 +30,7 @@ MAX_QUEUE = 30
 
 @pytest.fixture(scope="module")
 def stack(artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(artifacts, tmp_path_factory.mktemp("jobs"), "jobs", models="efficientnet_lite0,tiny",
+    with running_stack(artifacts, tmp_path_factory.mktemp("jobs"), "jobs", models="efficientnet_lite0,tiny,tiny_vit",
                        env={"UNBOX_MAX_QUEUE_LENGTH": str(MAX_QUEUE), "UNBOX_JOB_RESULT_TTL_S": str(RESULT_TTL_S),
                             "UNBOX_JOB_INLINE_PICTURE_MAX_BYTES": "4096"}) as started:
         yield started
@@ -382,6 +382,33 @@ def test_sag_job_runs_through_the_queue_with_its_svg(stack: Stack, small_cat: by
         assert len(keys) == len(set(keys))
         picture = client.get(f"/v1/jobs/{job_id}/result.png")
         assert picture.content == base64.b64decode(result["picture_png"])
+
+
+def test_igos_pp_and_sag_jobs_succeed_on_a_transformer(stack: Stack, small_cat: bytes) -> None:
+    """A distilled DeiT through the queue: I-GOS++ (input-space masks through attention) and SAG
+    (its Grad-CAM ordering reads the default layer, the last block's first norm, as tokens)."""
+    with httpx.Client(base_url=stack.url, timeout=30) as client:
+        igos = submitted(client, small_cat, "igos++", model="tiny_vit",
+                         params=json.dumps({"mask_size": 4, "iterations": 2, "steps": 2, "metric_steps": 4}))
+        sag = submitted(client, small_cat, "sag", model="tiny_vit",
+                        params=json.dumps({"grid": 4, "ordering": "gradcam", "max_nodes": 12, "max_roots": 3}))
+        igos_view, sag_view = wait_for(client, igos, TERMINAL, timeout=180), wait_for(client, sag, TERMINAL, timeout=180)
+        assert igos_view["status"] == "succeeded", igos_view
+        assert len(igos_view["result"]["mask"]["grid"]) == 4
+        assert 0 <= igos_view["result"]["metrics"]["insertion_auc"] <= 1
+        assert sag_view["status"] == "succeeded", sag_view
+        assert sag_view["result"]["ordering"] == "gradcam" and sag_view["result"]["grid"] == 4
+        models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+        assert models["tiny_vit"]["target_layer"] == "blocks.1.norm1"
+        answer = client.post("/v1/explain", files={"image": ("cat.png", small_cat, "image/png")},
+                             data={"model": "tiny_vit", "method": "gradcam++"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["layer"] == "blocks.1.norm1" and len(answer.json()["heatmap"]["grid"]) == 4
+        refused = client.post("/v1/explain", files={"image": ("cat.png", small_cat, "image/png")},
+                              data={"model": "tiny_vit", "layer": "blocks.1.attn.k_norm"})
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "layer_unsupported" and "(1, 3, 18, 16)" in error["message"], error
 
 
 def test_every_job_answer_has_a_test(stack: Stack, small_cat: bytes) -> None:

@@ -110,3 +110,17 @@ def test_center_crop_geometry_zeroes_what_the_model_never_saw():
     assert np.all(full[:, :150] == 0) and np.all(full[:, 450:] == 0) and full[:, 160:440].min() > 0.99
     small = pre.map_to_image(torch.ones(7, 7), geometry, 300, 150).numpy()
     assert small.shape == (150, 300) and small[:, 75:225].min() > 0.99 and small[:, :70].max() == 0
+
+
+def test_center_crop_keeps_its_share_of_the_short_side():
+    """``crop_pct`` 0.875 is torchvision's "resize the short side to 256, crop 224": the model sees
+    the centre square of 7/8 of the short side, and the map covers just that square."""
+    pre = Preprocessor(ModelSpec(name="c", source="timm:x", resize="center_crop", crop_pct=0.875),
+                       torch.device("cpu"))
+    geometry = pre.geometry(600, 300)
+    assert geometry.box == (168.75, 18.75, 431.25, 281.25)
+    full = pre.map_to_image(torch.ones(7, 7), geometry).numpy()
+    assert np.all(full[:, :168] == 0) and np.all(full[:18] == 0) and np.all(full[282:] == 0)
+    assert full[20:280, 170:430].min() > 0.99
+    with pytest.raises(ValueError, match="crop_pct applies only"):
+        ModelSpec(name="s", source="timm:x", crop_pct=0.875)

@@ -1,4 +1,4 @@
-"""Heat-map jobs: the CAM family queued (``gradcam``, ``scorecam``, ``cam``).
+"""Heat-map jobs: every heat-map method of the registry queued (the CAM family, ``rollout``).
 
 They prove the queue end to end with cheap, well-known maps, and give clients one API for every
 method. The result has the same shape as ``/v1/explain``'s answer, plus ``details`` (what ran:

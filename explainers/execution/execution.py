@@ -32,6 +32,7 @@ from torch import nn
 from explainers.capture import LayerCapture
 from explainers.errors import ExplainError
 from explainers.execution import onnx_cpu
+from explainers.execution.attention import AttentionReading, FuseHeads
 from explainers.execution.batching import images_per_backward, images_per_forward
 from explainers.execution.cuda import (CompiledOrEager, LayerGradientGraph, LogitsRunner, as_layout,
                                        forward_bytes_per_sample, module_device)
@@ -82,8 +83,7 @@ def layer_gradient_pass(network: nn.Module, layer: str, inputs: torch.Tensor,
         activation = capture.require()
         if not logits.requires_grad:
             raise ExplainError("layer_unsupported", f"the logits do not depend on layer {layer!r}")
-        score = logits.float().gather(1, chosen[:, None]).sum()
-        (gradient,) = torch.autograd.grad(score, activation)
+        gradient = capture.feature_gradient(logits.float().gather(1, chosen[:, None]).sum())
     return logits.detach(), activation.detach(), gradient, chosen
 
 
@@ -447,6 +447,21 @@ class Session:
         if scorer.autocast_dtype is None and execution.onnx_wanted():
             scorer.use_onnx_runtime(lambda name, module, example: execution.exported(network, name, module, example))
         return scorer  # what scored the sets: scorer.facts(), read once the search is done
+
+    def attention(self, inputs: torch.Tensor, fuse_heads: FuseHeads | None = None,
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """fp32 logits and every transformer block's attention probabilities (fp32, forward
+        order) from one inference-mode fp32 forward of the model as loaded: ``B x heads x N x N``
+        each, or what ``fuse_heads`` makes of them, applied as each block runs so only the fused
+        maps are kept. The probabilities are recomputed from each attention module's own
+        projections on its input (fused kernels never expose them); the forward and its logits
+        are the model's own. ``method_unsupported`` for a model whose attention cannot be read."""
+        with AttentionReading(self.execution.model, fuse_heads) as reading, torch.inference_mode():
+            logits = self.execution.model(self._hooked_input(inputs))
+        maps = reading.require()
+        self._note("attention", precision="fp32", network="as_loaded", blocks=len(maps),
+                   modules="+".join(reading.kinds), recomputed=True)
+        return logits.float(), maps
 
 
 __all__ = ["Execution", "Session", "layer_gradient_pass"]

@@ -79,9 +79,22 @@ def _export(module: nn.Module, example: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+def _unexportable(module: object) -> str | None:
+    """Why the exporter cannot take ``module``, known without a trial (a failed trial prints
+    the whole traced graph to stdout): frozen ``nn.MultiheadAttention`` (torchvision's ViT)
+    runs the fused ``aten::_native_multi_head_attention``, which has no ONNX symbol."""
+    if isinstance(module, nn.Module) and any(isinstance(m, nn.MultiheadAttention) for m in module.modules()):
+        return "nn.MultiheadAttention runs a fused kernel the ONNX exporter cannot translate"
+    return None
+
+
 def build(module: nn.Module, example: torch.Tensor) -> OnnxForward | None:
     """``module`` exported and loaded into ONNX Runtime, checked on ``example`` (a CPU batch);
     ``None`` when any step fails or the outputs differ by more than :data:`TOLERANCE`."""
+    reason = _unexportable(module)
+    if reason is not None:
+        logger.warning("no ONNX Runtime copy of %s: %s", type(module).__name__, reason)
+        return None
     with torch.inference_mode(False):  # a normal tensor, whatever mode the caller is in
         example = example.detach().float().contiguous().clone()
     try:

@@ -205,6 +205,16 @@ export function explain({ image, method, model, target, topK = 5, signal, extra 
   });
 }
 
+/** The methods POST /v1/explain answers: the enum of its ``method`` field in the server's OpenAPI
+ * document (public, like /docs), so the page offers exactly what this server registered. */
+export async function getSynchronousMethods(signal) {
+  const document = await requestJson("/openapi.json", { signal });
+  const schemas = document?.components?.schemas ?? {};
+  let body = document?.paths?.["/v1/explain"]?.post?.requestBody?.content?.["multipart/form-data"]?.schema ?? {};
+  if (body.$ref) body = schemas[body.$ref.split("/").pop()] ?? {};
+  return body.properties?.method?.enum ?? [];
+}
+
 export function submitJob({ image, method, model, target, params, signal }) {
   return requestJson("/v1/jobs", {
     method: "POST",

@@ -42,14 +42,25 @@ export const JOB_METHODS = [
   },
 ];
 
-// Titles for methods the server offers as jobs beyond the three above (e.g. the CAMs).
-const EXTRA_TITLES = { gradcam: "Grad-CAM", scorecam: "Score-CAM", cam: "CAM" };
+// Readable titles of the heat-map methods (the synchronous ones, also offered as jobs beyond the
+// three above); a method missing here is shown by its API name.
+export const METHOD_TITLES = {
+  gradcam: "Grad-CAM",
+  scorecam: "Score-CAM",
+  cam: "CAM",
+  "gradcam++": "Grad-CAM++",
+  xgradcam: "XGrad-CAM",
+  layercam: "LayerCAM",
+  hirescam: "HiResCAM",
+  eigencam: "Eigen-CAM",
+  rollout: "Attention rollout",
+};
 
 /** A card spec for a job method the page has no special drawing for (a heat-map result). */
 export function extraMethodSpec(info) {
   return {
     method: info.name,
-    title: `${EXTRA_TITLES[info.name] ?? info.name} (as a job)`,
+    title: `${METHOD_TITLES[info.name] ?? info.name} (as a job)`,
     desc: info.description || "A heat-map method run on the queue.",
     kind: "mask",
     noun: "heat map",

@@ -1,12 +1,13 @@
 // The dashboard's entry module: image intake, model choice, predictions, the Grad-CAM and
-// Score-CAM panels and the job cards. Every number shown comes from the public API.
+// Score-CAM panels, a panel for the server's other synchronous methods and the job cards.
+// Every number shown comes from the public API.
 
-import { ApiError, explain, getJobMethods, getModels, getReady, predict } from "./api.js";
+import { ApiError, explain, getJobMethods, getModels, getReady, getSynchronousMethods, predict } from "./api.js";
 import { mountKeyForm } from "./auth.js";
 import {
   UrlBag, base64ToBlob, downloadLink, el, jsonBlob, percent, pngDataUrl, role, seconds, show, showError, stem,
 } from "./dom.js";
-import { JOB_METHODS, JobCard, extraMethodSpec } from "./jobs.js";
+import { JOB_METHODS, JobCard, METHOD_TITLES, extraMethodSpec } from "./jobs.js";
 
 const TOP_K = 5;
 const MODEL_LOADING_RETRIES = 10;
@@ -23,8 +24,6 @@ const state = {
   controller: null, // aborts the requests of the previous generation
 };
 
-const METHOD_TITLES = { gradcam: "Grad-CAM", scorecam: "Score-CAM" };
-
 const panels = [...document.querySelectorAll(".panel[data-method]")].map((node) => ({
   method: node.dataset.method,
   node,
@@ -35,6 +34,8 @@ const panels = [...document.querySelectorAll(".panel[data-method]")].map((node) 
   downloads: role(node, "downloads"),
   meta: role(node, "meta"),
   option: role(node, "option"), // Score-CAM's channel count, sent as a form field
+  chooser: role(node, "method"), // the "more heat maps" panel: its method is chosen here
+  desc: role(node, "desc"),
   controller: null,
   urls: new UrlBag(),
 }));
@@ -291,8 +292,13 @@ async function explainAll() {
   // once instead of after Score-CAM.
   for (const panel of panels) {
     if (generation !== state.generation) return;
-    await explainPanel(panel);
+    if (panelMethod(panel)) await explainPanel(panel);
   }
+}
+
+/** The method a panel explains with: its own, or the one chosen in its method list. */
+function panelMethod(panel) {
+  return panel.chooser ? (panel.node.hidden ? "" : panel.chooser.value) : panel.method;
 }
 
 /** Explain the current image and target with the panel's method; a newer call supersedes it. */
@@ -302,12 +308,13 @@ async function explainPanel(panel) {
   panel.controller = controller;
   const generation = state.generation;
   const current = () => panel.controller === controller && generation === state.generation;
-  const title = METHOD_TITLES[panel.method] ?? panel.method;
+  const method = panelMethod(panel);
+  const title = METHOD_TITLES[method] ?? method;
   setPanelBusy(panel, `Computing ${title}…`);
   const started = performance.now();
   let result;
   try {
-    result = await explain({ image: state.file, method: panel.method, model: state.model, target: state.target,
+    result = await explain({ image: state.file, method, model: state.model, target: state.target,
       topK: TOP_K, signal: controller.signal, extra: panel.option ? { [panel.option.name]: panel.option.value } : {} });
   } catch (error) {
     if (error.name === "AbortError" || !current()) return;
@@ -317,7 +324,7 @@ async function explainPanel(panel) {
     return;
   }
   if (!current()) return;
-  const name = `${stem(state.file.name)}-${panel.method}-${result.target.index}`;
+  const name = `${stem(state.file.name)}-${method}-${result.target.index}`;
   panel.base.src = state.fileUrl;
   panel.overlay.src = pngDataUrl(result.heatmap.overlay_png);
   panel.overlay.alt = `${title} heat map for ${result.target.label} over the image`;
@@ -346,7 +353,58 @@ function wirePanelOptions() {
     panel.option?.addEventListener("change", () => {
       if (state.file && state.predictions.length) explainPanel(panel);
     });
+    panel.chooser?.addEventListener("change", () => {
+      describeChosen(panel);
+      if (state.file && state.predictions.length) explainPanel(panel);
+    });
   }
+}
+
+// The job listing (GET /v1/jobs/methods), asked for once: job cards and method descriptions.
+let jobMethodListing = null;
+function jobMethodList() {
+  jobMethodListing ??= getJobMethods();
+  return jobMethodListing;
+}
+
+/** Fill the "more heat maps" panel with every synchronous method the server answers that has no
+ * panel of its own (the /v1/explain method enum), under readable titles; Grad-CAM++ first shown. */
+async function mountMorePanel() {
+  const panel = panels.find((p) => p.chooser);
+  if (!panel) return;
+  let names;
+  try {
+    names = await getSynchronousMethods();
+  } catch {
+    return; // no document: the panel stays hidden
+  }
+  const own = new Set(panels.filter((p) => !p.chooser).map((p) => p.method));
+  const known = Object.keys(METHOD_TITLES);
+  const rank = (name) => (known.includes(name) ? known.indexOf(name) : known.length);
+  const others = names.filter((name) => !own.has(name)).sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
+  if (!others.length) return;
+  panel.chooser.replaceChildren(...others.map((name) => el("option", {
+    value: name, selected: name === "gradcam++",
+  }, METHOD_TITLES[name] ?? name)));
+  try {
+    const { methods } = await jobMethodList();
+    panel.descriptions = new Map(methods.map((m) => [m.name, m.description]));
+  } catch {
+    panel.descriptions = new Map(); // no listing: the generic description stays
+  }
+  describeChosen(panel);
+  show(panel.node, true);
+  if (state.file && state.predictions.length) explainPanel(panel);
+}
+
+/** The chosen method's description (from the server) and picture label in its panel. */
+function describeChosen(panel) {
+  const method = panel.chooser.value;
+  const title = METHOD_TITLES[method] ?? method;
+  const description = panel.descriptions?.get(method);
+  if (description) panel.desc.textContent = /[.!?]$/.test(description) ? description : `${description}.`;
+  panel.overlay.alt = `${title} heat map over the image`;
+  panel.downloads.setAttribute("aria-label", `${title} downloads`);
 }
 
 function wireOpacity() {
@@ -368,7 +426,7 @@ async function mountJobs() {
   $("jobs").append(...cards.map((card) => card.node));
   let methods;
   try {
-    ({ methods } = await getJobMethods());
+    ({ methods } = await jobMethodList());
   } catch {
     return; // an older server without the listing: every card stays enabled
   }
@@ -393,6 +451,7 @@ wireIntake();
 wireOpacity();
 wirePanelOptions();
 mountJobs();
+mountMorePanel();
 loadModels();
 watchReadiness();
 document.documentElement.dataset.ready = "true"; // the modules have run (used by the browser test)
