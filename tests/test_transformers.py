@@ -232,3 +232,27 @@ def test_the_new_cams_match_pytorch_grad_cam_on_a_distilled_deit(transformers, c
     corrected = scale_cam_image(np.maximum(get_2d_projection_with_sign_correction(activations), 0), (64, 64))
     ours = create("eigencam", model.execution, layer=layer).explain(inputs, target)
     assert correlation(upsampled(ours.saliency, inputs.shape[-2:]), corrected) >= 0.99
+
+
+def test_register_tokens_and_dynamic_image_sizes():
+    """A ViT with a class token and four registers (five prefix tokens), built for 64 px but
+    allowing other sizes: at 96 px the capture puts tokens 5.. on the 6 x 6 grid the patch
+    embedding reports, and Grad-CAM's map has that grid."""
+    import timm
+
+    from explainers.execution import Execution
+
+    torch.manual_seed(0)
+    module = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, embed_dim=48,
+                               num_heads=3, reg_tokens=4, dynamic_img_size=True).eval().requires_grad_(False)
+    inputs = torch.randn(1, 3, 96, 96)
+    execution = Execution(module)
+    _, activations = execution.session().capture(inputs, "blocks.1.norm1", reduced_precision=False)
+    seen = {}
+    handle = module.blocks[1].norm1.register_forward_hook(lambda _m, _i, out: seen.__setitem__("out", out))
+    with torch.inference_mode():
+        module(inputs)
+    handle.remove()
+    assert seen["out"].shape[1] == 5 + 36
+    assert torch.equal(activations, seen["out"][:, 5:, :].reshape(1, 6, 6, -1).permute(0, 3, 1, 2))
+    assert create("gradcam", execution, layer="blocks.1.norm1").explain(inputs).saliency.shape[-2:] == (6, 6)
