@@ -224,16 +224,15 @@ def append_docs(info: dict[str, str], args: argparse.Namespace, rows: list[Row])
     record_section(section, args.device_used)
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.cams", description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--methods", nargs="+", choices=["gradcam", "scorecam"], default=["gradcam", "scorecam"])
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Device, input size and repeats: the options every CAM benchmark shares."""
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--size", type=int, default=224, help="input side in pixels")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--reference-repeats", type=int, default=None,
-                        help="repeats of pytorch-grad-cam's Score-CAM (default: 1 on CPU, --repeats on CUDA)")
-    parser.add_argument("--reference-batch", type=int, default=16, help="pytorch-grad-cam Score-CAM batch (its default)")
+
+
+def add_execution_options(parser: argparse.ArgumentParser) -> None:
+    """How ours runs (memory budget, precision, compile, graphs) and what is timed and recorded."""
     parser.add_argument("--memory-mb", type=float, default=None,
                         help="our Score-CAM memory budget (default 512 on the CPU, 4096 on CUDA)")
     parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
@@ -241,6 +240,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-graphs", action="store_true", help="no CUDA graphs for ours")
     parser.add_argument("--no-reference", action="store_true", help="time ours only")
     parser.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks.md")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.cams", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--methods", nargs="+", choices=["gradcam", "scorecam"], default=["gradcam", "scorecam"])
+    add_run_options(parser)
+    parser.add_argument("--reference-repeats", type=int, default=None,
+                        help="repeats of pytorch-grad-cam's Score-CAM (default: 1 on CPU, --repeats on CUDA)")
+    parser.add_argument("--reference-batch", type=int, default=16, help="pytorch-grad-cam Score-CAM batch (its default)")
+    add_execution_options(parser)
     parser.add_argument("--quick", action="store_true", help="64-px input, one repeat: a smoke run")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]

@@ -56,7 +56,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.cams import Row, correlation, prepare, sample_input, table, timed
+from bench.cams import (Row, add_execution_options, add_run_options, correlation, prepare, sample_input, table,
+                        timed)
 from bench.common import DOCS, machine_info, record_section
 from explainers.cam import ScoreCAMConfig
 from explainers.execution import Execution, ExecutionPolicy
@@ -261,21 +262,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="models Score-CAM runs on (exact; pytorch-grad-cam: one forward per channel); "
                         f"default on CUDA every model, on the CPU {' '.join(SCORECAM_MODELS)} "
                         f"({SCORECAM_MODELS[0]} only with --quick)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    parser.add_argument("--size", type=int, default=224, help="input side in pixels")
-    parser.add_argument("--repeats", type=int, default=5)
+    add_run_options(parser)
     parser.add_argument("--scorecam-repeats", type=int, default=None,
                         help="repeats of Score-CAM, ours and pytorch-grad-cam's "
                         "(default: 1 on CPU, --repeats on CUDA)")
     parser.add_argument("--reference-batch", type=int, default=16,
                         help="pytorch-grad-cam Score-CAM batch (its default)")
-    parser.add_argument("--memory-mb", type=float, default=None,
-                        help="our Score-CAM memory budget (default 512 on the CPU, 4096 on CUDA)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our fixed-shape forwards (CUDA)")
-    parser.add_argument("--no-graphs", action="store_true", help="no CUDA graphs for ours")
-    parser.add_argument("--no-reference", action="store_true", help="time ours only")
-    parser.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks.md")
+    add_execution_options(parser)
     parser.add_argument("--quick", action="store_true", help="64-px input, one repeat, no append: a smoke run")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]

@@ -67,9 +67,6 @@ def resolve_targets(logits: torch.Tensor, targets: int | list[int] | torch.Tenso
         except TypeError:
             raise ExplainError("invalid_parameter", f"targets must be integer class indices, got {targets!r}; "
                                f"{per_image}") from None
-        if several and len(indices) != batch:
-            raise ExplainError("invalid_parameter", f"{len(indices)} target{'' if len(indices) == 1 else 's'} "
-                               f"for a batch of {batch} image{'' if batch == 1 else 's'}; {per_image}")
         outside = [index for index in indices if not 0 <= index < classes]
         if outside:  # checked before torch.tensor, which may overflow
             raise ExplainError("invalid_target", f"target must be a class index in [0, {classes - 1}], got "
