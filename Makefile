@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) -m bench.queue
 	$(PY) -m bench.igos
 	$(PY) -m bench.sag
+	$(PY) -m bench.study
 
 clean:
 	rm -rf $(VENV) build *.egg-info test-artifacts

@@ -100,7 +100,7 @@ class JobsClient:
     def _fields(self, store: JobStore, job_id: str, owner: str) -> dict[str, str]:
         """The job's fields when it exists and is ``owner``'s; another tenant's job is a 404 too."""
         fields = store.fields(job_id) if _JOB_ID.match(job_id) else None
-        if fields is None or owner_of(fields) != owner:
+        if fields is None or owner_of(fields) != owner or fields.get("study"):  # a study's items: /v1/studies
             raise _job_not_found(job_id)
         return fields
 
@@ -159,7 +159,7 @@ class JobsClient:
         self._store()
         decoded = self.service.decode_upload(data)
         payload = JobPayload(method=method.name, model=model, target=target, params=params,
-                             callback_url=callback_url or None).model_dump(mode="json")
+                             callback_url=callback_url or None).model_dump(mode="json", exclude={"study"})
         fingerprint = hashlib.sha256(data + json.dumps(payload, sort_keys=True).encode()).hexdigest()
         payload["request_id"] = request_id  # traced with the job; not part of what the request asks
         settings = self.settings
@@ -248,6 +248,7 @@ class JobsClient:
         if not _JOB_ID.match(job_id):
             raise _job_not_found(job_id)
         with self._reachable() as store:
+            self._fields(store, job_id, caller.owner)
             answer = store.cancel(job_id, self.settings.job_result_ttl_s, caller.owner)
             view = store.view(job_id, with_result=False) if answer != "missing" else None
             if view is None:

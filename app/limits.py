@@ -33,25 +33,27 @@ MAX_HEADER_BYTES = 16 * 1024  # request line plus headers; longer ones get uvico
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
+    """``max_body_bytes`` for every request, except the paths of ``path_limits`` (a study's archive)."""
 
-    def _message(self) -> str:
-        return f"the request body exceeds {self.max_body_bytes} bytes"
+    def __init__(self, app: ASGIApp, max_body_bytes: int, path_limits: dict[str, int] | None = None) -> None:
+        self.app = app
+        self.default_bytes = max_body_bytes
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(scope.get("path", ""), self.default_bytes)
+        message = f"the request body exceeds {limit} bytes"
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = -1
-                if declared > self.max_body_bytes:
-                    response = error_response(413, "upload_too_large", self._message(), {"Connection": "close"})
+                if declared > limit:
+                    response = error_response(413, "upload_too_large", message, {"Connection": "close"})
                     await response(scope, receive, send)
                     return
         received = 0
@@ -61,8 +63,8 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise HTTPException(413, self._message())
+                if received > limit:
+                    raise HTTPException(413, message)
             return message
 
         await self.app(scope, counting_receive, send)

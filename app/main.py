@@ -24,6 +24,8 @@ from app.limits import BodySizeLimit, UploadGuard
 from app.metrics import Metrics, MetricsMiddleware
 from app.openapi import install_openapi
 from app.pages import pages_router
+from app.studies import StudiesClient
+from app.studies import router as studies_router
 from app.rate_limits import RateLimiter, RateLimitMiddleware
 from app.request_ids import RequestIds
 from app.routes import router
@@ -92,15 +94,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.service = InferenceService(settings, registry, metrics)
     app.state.jobs = JobsClient(settings, app.state.service)  # Redis connects lazily, per call
+    app.state.studies = StudiesClient(app.state.jobs)
     app.state.rate_limiter = RateLimiter(settings.redis_url)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(jobs_router)
     app.include_router(workers_router)
+    app.include_router(studies_router)
     app.include_router(pages_router)
     _mount_offline_docs(app)
     install_openapi(app)  # the document says what this server (its catalogue, its job methods) does
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES)
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES,
+                       path_limits={"/v1/studies": settings.study_max_archive_bytes + MULTIPART_SLACK_BYTES})
     app.add_middleware(UploadGuard, read_timeout_s=settings.upload_read_timeout_s,
                        max_concurrent=settings.max_concurrent_uploads)
     app.add_middleware(RateLimitMiddleware, limiter=app.state.rate_limiter)

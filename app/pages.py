@@ -1,4 +1,5 @@
-"""The dashboard: ``/`` serves the page, ``/static/...`` its CSS, JavaScript modules and samples.
+"""The dashboard: ``/`` serves the page, ``/dashboard/studies/{id}`` a study's page, ``/static/...``
+their CSS, JavaScript modules and samples.
 
 The page is plain files shipped in the package (``app/static``, no build step) and talks to
 the public API like any other client, so this router only serves files. Paths are resolved
@@ -52,6 +53,13 @@ def _file_response(path: Path) -> FileResponse:
 def dashboard() -> FileResponse:
     """The dashboard page."""
     return _file_response(static_file("index.html"))
+
+
+@pages_router.api_route("/dashboard/studies/{study_id}", methods=["GET", "HEAD"])
+def study_page(study_id: str) -> FileResponse:
+    """A study's page. Its script reads the id from the address and asks ``/v1/studies/{id}``,
+    which answers 404 for an unknown one, so the id is not checked here."""
+    return _file_response(static_file("study.html"))
 
 
 @pages_router.api_route("/static/{relative:path}", methods=["GET", "HEAD"])

@@ -36,6 +36,17 @@ class Settings(CoreSettings):
                                             "(/v1/explain) may score; more (or 'all' on a wider layer) gets "
                                             "422 too_costly: queue it with POST /v1/jobs method scorecam")
 
+    # --- studies (POST /v1/studies) ---
+    study_max_archive_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest study archive upload")
+    study_max_unpacked_bytes: int = Field(1024 * 1024 * 1024, ge=1024, description="largest total of an archive's "
+                                          "members once unpacked (zip bombs are refused before this)")
+    study_max_files: int = Field(2000, ge=1, description="most files in a study archive (and rows in its manifest)")
+    study_max_items: int = Field(20000, ge=1, description="most items (images x models x methods) in one study")
+    max_active_studies_per_key: int = Field(4, ge=0, description="studies one key (one client address with keys "
+                                            "off) may have running at once; 0: no limit")
+    study_max_queued_items: int = Field(200_000, ge=1, description="study items waiting at once, over all studies; "
+                                        "beyond it a study gets 503 queue_full")
+
     # --- tenants and trust ---
     api_keys_file: Path | None = Field(None, description="TOML file of API keys (`unbox keys add`); set: every "
                                        "/v1 route needs Authorization: Bearer KEY; unset: no authentication")

@@ -138,7 +138,10 @@ def running_stack(artifacts: Path, folder: Path, name: str, workers: int = 2, mo
                 "UNBOX_CATALOG": str(catalog), "UNBOX_MODELS": models,
                 "UNBOX_WEBHOOK_SECRET": WEBHOOK_SECRET, "UNBOX_WEBHOOK_BACKOFF_S": "0.3",
                 "UNBOX_WEBHOOK_ALLOW_NETWORKS": WEBHOOK_ALLOW_NETWORKS,
-                "UNBOX_WORKER_HEARTBEAT_S": "0.5", "UNBOX_TORCH_THREADS": "1", **(env or {})}
+                "UNBOX_WORKER_HEARTBEAT_S": "0.5", "UNBOX_TORCH_THREADS": "1",
+                # PyTorch forwards: no ONNX export at every process's start-up (a third of a stack's
+                # start on 2 cores). The jobs stack runs the default runtime; test_onnx_cpu the rest.
+                "UNBOX_CPU_RUNTIME": "torch", **(env or {})}
     (artifacts / f"{name}-worker.log").unlink(missing_ok=True)
     started: Stack | None = None
     with ThreadPoolExecutor(workers + 1) as pool:

@@ -61,6 +61,20 @@ JOB_PARAMS = {  # cheap, valid params per job method (the schema of params depen
 }
 
 
+STUDY_SPEC = {"models": ["tiny"], "methods": [{"name": "gradcam"}], "analyses": {"regions": {}, "faithfulness": {"steps": 2}}}
+
+
+def study_zip() -> bytes:
+    """A one-image study archive with a manifest giving a region (what the schema cannot say)."""
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("manifest.csv", "path,region\nphoto.png,0 0 20 16\n")
+        archive.writestr("photo.png", png())
+    return buffer.getvalue()
+
+
 def png(size: tuple[int, int] = (40, 32)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, (200, 120, 40)).save(buffer, format="PNG")
@@ -274,6 +288,12 @@ def _settle(case: schemathesis.Case, receiver_url: str, layers: dict[str, str | 
         del body["layer"]
     if case.path == "/v1/explain" and body.get("method", "gradcam") != "scorecam":
         body.pop("channels", None)
+    if case.path == "/v1/explain" and body.get("method") == "rollout":  # attention rollout: a ViT, no layer
+        body["model"] = "tiny_vit"
+        body.pop("layer", None)
+    if case.path == "/v1/studies":
+        body["archive"] = study_zip()
+        body["spec"] = json.dumps(STUDY_SPEC)
     if case.path == "/v1/jobs":
         body["params"] = json.dumps(JOB_PARAMS.get(body["method"], {}))
         if "callback_url" in body:
@@ -361,6 +381,18 @@ def test_real_jobs_and_their_webhooks_match_the_document(api_schema: schemathesi
     picture = check("/v1/explain", "POST", media_type="multipart/form-data", headers={"Accept": "image/png"},
                     body={"image": png(), "model": "tiny"})
     assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG")
+    study = check("/v1/studies", "POST", media_type="multipart/form-data",
+                  body={"archive": study_zip(), "spec": json.dumps({**STUDY_SPEC, "name": "contract"})})
+    assert study.status_code == 202, study.text
+    deadline = time.monotonic() + 60
+    while check("/v1/studies/{study_id}", "GET", path_parameters={"study_id": study.json()["id"]}).json()[
+            "status"] != "succeeded":
+        assert time.monotonic() < deadline, "the study did not finish"
+        time.sleep(0.2)
+    for path in ("/v1/studies/{study_id}/items.csv", "/v1/studies/{study_id}"):
+        check(path, "GET", path_parameters={"study_id": study.json()["id"]})
+    check("/v1/studies/{study_id}/items/{index}/overlay.png", "GET",
+          path_parameters={"study_id": study.json()["id"], "index": 0})
 
     document = api_schema.raw_schema
     event = {**document["components"]["schemas"]["JobEvent"], "components": document["components"]}

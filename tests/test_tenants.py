@@ -121,6 +121,37 @@ def test_another_tenants_job_is_a_404_everywhere(tenants: Tenants, photo: bytes)
         assert [j["id"] for j in bob.get("/v1/jobs").json()["jobs"]] == [bob_job]
 
 
+def test_another_tenants_study_is_a_404_and_the_cache_is_per_tenant(tenants: Tenants, photo: bytes) -> None:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("cat.png", photo)
+    spec = json.dumps({"models": ["tiny"], "methods": [{"name": "gradcam"}], "analyses": {"regions": {}}})
+
+    def study(client: httpx.Client) -> dict:
+        answer = client.post("/v1/studies", files={"archive": ("a.zip", buffer.getvalue(), "application/zip")},
+                             data={"spec": spec})
+        assert answer.status_code == 202, answer.text
+        deadline = time.monotonic() + 60
+        while (view := client.get(f"/v1/studies/{answer.json()['id']}").json())["status"] != "succeeded":
+            assert time.monotonic() < deadline, view
+            time.sleep(0.1)
+        return view
+
+    with tenants.client("alice") as alice, tenants.client("bob") as bob:
+        first = study(alice)
+        sid = first["id"]
+        for answer in (bob.get(f"/v1/studies/{sid}"), bob.get(f"/v1/studies/{sid}/items.csv"),
+                       bob.get(f"/v1/studies/{sid}/items/0/overlay.png"), bob.delete(f"/v1/studies/{sid}")):
+            assert (answer.status_code, answer.json()["error"]["code"]) == (404, "study_not_found"), answer.text
+        assert sid not in [s["id"] for s in bob.get("/v1/studies").json()["studies"]]
+        assert alice.get(f"/v1/studies/{sid}/items/0/overlay.png").status_code == 200
+        assert study(bob)["progress"]["cached"] == 0  # alice's results are hers alone
+        assert study(alice)["progress"]["cached"] == 1
+
+
 def test_listing_is_newest_first_and_paged(tenants: Tenants, photo: bytes) -> None:
     with tenants.client("bob") as bob:
         made = [submit(bob, photo, method="gradcam", params="{}").json()["id"] for _ in range(3)]

@@ -113,9 +113,21 @@ local DURATION_BUCKETS = {1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600}
 -- Bookkeeping of a job that just ended (in the script that ended it): off its submitter's
 -- active set (the quota), onto the list of ends to announce, and into the outcome and duration statistics.
 local function record_end(key, id, status, now)
-  local f = redis.call('HMGET', key, 'quota', 'payload', 'started_at')
+  local f = redis.call('HMGET', key, 'quota', 'payload', 'started_at', 'study')
   if f[1] then redis.call('SREM', f[1], id) end
-  redis.call('SADD', 'unbox:jobs:ended', id)
+  if f[4] then  -- a study item: its study counts it (and ends with its last item); items send no webhooks
+    local study = 'unbox:study:' .. f[4]
+    if redis.call('EXISTS', study) == 1 then
+      redis.call('HINCRBY', study, 'n_' .. status, 1)
+      local ended = redis.call('HINCRBY', study, 'ended', 1)
+      local g = redis.call('HMGET', study, 'total', 'status', 'result_ttl')
+      if ended >= tonumber(g[1] or '0') and (g[2] == 'running' or g[2] == 'canceling') then
+        redis.call('HSET', study, 'status', g[2] == 'running' and 'succeeded' or 'canceled', 'ended_at', tostring(now))
+      end
+    end
+  else
+    redis.call('SADD', 'unbox:jobs:ended', id)
+  end
   local ok, payload = pcall(cjson.decode, f[2] or '{}')
   local method = 'unknown'
   if ok and type(payload) == 'table' and type(payload.method) == 'string' then method = payload.method end

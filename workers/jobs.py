@@ -100,6 +100,24 @@ def run_method(request: JobPayload, image: Any, runtime: WorkerRuntime, report: 
     return result
 
 
+def run_item(request: JobPayload, image: Any, runtime: WorkerRuntime, report: Reporter, spec: Any) -> dict[str, Any]:
+    """Run a study's item (``request.study`` is set): the method on the image, then the item's
+    share of the study's analyses (:mod:`workers.study_item`); its compact result."""
+    from explainers.registry import METHODS
+    from workers.study_item import run_study_item
+
+    report(0.0, "loading model")
+    if request.method not in METHODS:
+        raise JobFailure("unknown_method", f"studies run registered explainers only, not {request.method!r}")
+    try:
+        model = runtime.registry.get(request.model)
+    except UnknownModelError:
+        raise JobFailure("unknown_model", f"this worker has no model {request.model!r}") from None
+    assert request.study is not None
+    return run_study_item(model, image, request.method, request.target, request.params, request.study.label, spec,
+                          runtime.registry, report)
+
+
 def _failed(report: Reporter, code: str, message: str) -> Outcome:
     return Outcome("failed", error={"code": code, "message": message[:500]}, progress=report.fraction,
                    stage="failed")

@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from workers.study_spec import StudyItemRef
+
 KEY_PREFIX = "unbox"
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"  # an X-Request-ID the API accepts (else it makes one)
 
@@ -29,6 +31,8 @@ class JobPayload(BaseModel):
     callback_url: str | None = None
     request_id: str | None = Field(None, pattern=REQUEST_ID_PATTERN,
                                    description="the submitting request's X-Request-ID, carried into the worker's logs")
+    study: StudyItemRef | None = Field(None, description="set on a study's item: its study and image (stored "
+                                       "once per study, not per job)")
 
 
 def image_key(job_id: str) -> str:

@@ -37,7 +37,7 @@ from models.build import ModelBuildError
 from models.catalog import CatalogError, load_catalog
 from models.registry import ModelRegistry, UnknownModelError
 from workers.jobqueue import JobStore, Lease, Outcome, connect
-from workers.jobs import JobFailure, JobTimeout, LeaseLost, Reporter, outcome_of, run_method
+from workers.jobs import JobFailure, JobTimeout, LeaseLost, Reporter, outcome_of, run_item, run_method
 from workers.logging_setup import configure_logging, job_id_var, request_id_var
 from workers.methods import get_method, load_builtin_methods
 from workers.payload import JobPayload, image_key
@@ -47,6 +47,8 @@ from workers.runtime import WorkerRuntime
 from core.settings import CoreSettings, SettingsError
 from explainers.sag import SAGConfig
 from workers.stored_image import StoredImageError, decode_stored
+from workers.study_spec import StudySpec
+from workers.study_store import StudyStore, study_image_key, study_queue
 from workers.warmup import warm_igos_compile
 from workers.webhooks import WebhookSender, schedule_job_end
 
@@ -54,6 +56,7 @@ logger = logging.getLogger("unbox.worker")
 T = TypeVar("T")
 
 IDLE_WAIT_S = 1.0
+STUDY_SPECS_KEPT = 32  # specs of the studies seen lately, kept in memory (a study's spec never changes)
 OUTAGE_BACKOFF_S = (0.25, 5.0)  # first and longest wait between tries while Redis is away
 
 
@@ -95,6 +98,9 @@ class UnboxWorker:
         self._finished = threading.Event()
         self._announcing = threading.Lock()
         self._outage_logged = False
+        self.queues = [settings.queue_name, study_queue(settings.queue_name)]  # interactive jobs first
+        self.studies = StudyStore(store.redis, settings.queue_name)
+        self._specs: dict[str, StudySpec] = {}
 
     # --- signals ---
     def install_signal_handlers(self) -> None:
@@ -189,8 +195,9 @@ class UnboxWorker:
             finally:
                 self.store.announced(done)
 
-    def _load_image(self, lease: Lease) -> Any:
-        data = self._persist(lambda: self.store.redis.get(image_key(lease.job_id)), until=lambda: lease.lost)
+    def _load_image(self, lease: Lease, request: JobPayload) -> Any:
+        key = study_image_key(request.study.study, request.study.image) if request.study else image_key(lease.job_id)
+        data = self._persist(lambda: self.store.redis.get(key), until=lambda: lease.lost)
         if data is None:
             raise JobFailure("image_expired", "the uploaded image expired before a worker took the job")
         try:
@@ -218,12 +225,36 @@ class UnboxWorker:
             f"this job was refused: {reason}; workers run only Unbox's own job methods")},
             progress=0.0, stage="failed"))
 
+    def _study_spec(self, lease: Lease, study_id: str) -> StudySpec:
+        """The spec of a study item's study (read once per study; the API validated it)."""
+        spec = self._specs.get(study_id)
+        if spec is None:
+            text = self._persist(lambda: self.studies.spec(study_id), until=lambda: lease.lost)
+            if text is None:
+                raise JobFailure("study_expired", f"study {study_id} expired before this item ran")
+            spec = self._specs[study_id] = StudySpec.model_validate_json(text)
+            while len(self._specs) > STUDY_SPECS_KEPT:
+                self._specs.pop(next(iter(self._specs)))
+        return spec
+
     def _attempt(self, lease: Lease, request: JobPayload, report: Reporter) -> dict[str, Any]:
         with time_limit(lease.timeout_s):
-            image = self._load_image(lease)
+            image = self._load_image(lease, request)
+            if request.study is not None:
+                return run_item(request, image, self.runtime, report, self._study_spec(lease, request.study.study))
             return run_method(request, image, self.runtime, report)
 
-    def _record(self, lease: Lease, outcome: Outcome) -> None:
+    def _remember(self, request: JobPayload, outcome: Outcome) -> None:
+        """Cache a study item's result for later studies (a miss later is the only cost of failing here)."""
+        if request.study is None or outcome.status != "succeeded" or outcome.result is None:
+            return
+        try:
+            self.studies.remember(request.study.cache_key, outcome.result, self.settings.job_result_ttl_s)
+        except redis.RedisError as exc:
+            logger.warning("job %s: its result was not cached (%s)", request.study.study, exc)
+
+    def _record(self, lease: Lease, outcome: Outcome) -> bool:
+        """Write the attempt's outcome; whether it was accepted (the lease still held)."""
         accepted = self._persist(lambda: self.store.finish(lease, outcome), until=lambda: self.cold)
         if accepted:
             logger.info("job %s %s (attempt %d)", lease.job_id, outcome.status, lease.attempt)
@@ -234,6 +265,7 @@ class UnboxWorker:
         elif accepted is False:
             logger.warning("job %s: attempt %d's outcome (%s) refused: its lease was lost meanwhile",
                            lease.job_id, lease.attempt, outcome.status)
+        return bool(accepted)
 
     def _sized(self, lease: Lease, outcome: Outcome) -> Outcome:
         """A success with its large pictures moved beside it, or a failure when it is still too large."""
@@ -265,8 +297,10 @@ class UnboxWorker:
             request_id_var.set(request.request_id)
             logger.info("job %s taken (attempt %d, %s on %s)", lease.job_id, lease.attempt, request.method,
                         request.model)
-            outcome = outcome_of(lambda: self._attempt(lease, request, report), report, lease.timeout_s)
-            self._record(lease, self._sized(lease, outcome))
+            outcome = self._sized(lease, outcome_of(lambda: self._attempt(lease, request, report), report,
+                                                    lease.timeout_s))
+            if self._record(lease, outcome):
+                self._remember(request, outcome)
             self.jobs_done += 1
         except LeaseLost:
             logger.warning("job %s: attempt %d stopped, its lease was lost", lease.job_id, lease.attempt)
@@ -289,13 +323,13 @@ class UnboxWorker:
         try:
             while not self.stopping.is_set():
                 try:
-                    lease = self.store.take(self.name, pending_ttl_s=self.settings.job_image_ttl_s)
+                    lease = self.store.take(self.name, self.queues, pending_ttl_s=self.settings.job_image_ttl_s)
                     self._reached()
                     delay = OUTAGE_BACKOFF_S[0]
                     if lease is None:
                         if burst:
                             return
-                        self.store.wait_for_work(IDLE_WAIT_S)
+                        self.store.wait_for_work(IDLE_WAIT_S, self.queues)
                         continue
                 except redis.RedisError as exc:
                     delay = self._wait_out(exc, delay)

@@ -8,6 +8,7 @@ import {
   UrlBag, base64ToBlob, downloadLink, el, jsonBlob, percent, pngDataUrl, role, seconds, show, showError, stem,
 } from "./dom.js";
 import { JOB_METHODS, JobCard, METHOD_TITLES, extraMethodSpec } from "./jobs.js";
+import { mountStudyList } from "./studies.js";
 
 const TOP_K = 5;
 const MODEL_LOADING_RETRIES = 10;
@@ -452,6 +453,7 @@ wireOpacity();
 wirePanelOptions();
 mountJobs();
 mountMorePanel();
+mountStudyList(); // the caller's studies under the job cards, linking to their pages
 loadModels();
 watchReadiness();
 document.documentElement.dataset.ready = "true"; // the modules have run (used by the browser test)
