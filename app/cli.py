@@ -156,6 +156,7 @@ def _explain(args: argparse.Namespace, settings: Settings) -> int:
     skipped. One image prints (and exits) as it always has; several print a block (or with
     ``--json`` one JSON line) per image, and exit 1 if any image failed."""
     from app.intake import ImageRejected, decode_image
+    from app.windowing import WindowRefused, parse_window
     from explainers.errors import ExplainError
     from explainers.pipeline import explain_images
     from models.catalog import load_catalog
@@ -168,6 +169,10 @@ def _explain(args: argparse.Namespace, settings: Settings) -> int:
                          f"not {len(given)}")
     targets: list[int | None] = (given * len(images) if len(given) == 1 else list(given)) or [None] * len(images)
     outputs = _explain_outputs(args.usage_error, images, args.output, args.map)
+    try:
+        window = parse_window(args.window)
+    except WindowRefused as exc:
+        args.usage_error(f"--window: {exc.message}")
     several = len(images) > 1
     model = None  # loaded with the first batch, so that a lone bad image fails fast
     failed = 0
@@ -232,7 +237,7 @@ def _explain(args: argparse.Namespace, settings: Settings) -> int:
             print(f"error: cannot read {path}: {exc.strerror}", file=sys.stderr, flush=True)
             continue
         try:
-            pending.append((index, decode_image(data, settings.max_image_pixels).image))
+            pending.append((index, decode_image(data, settings.max_image_pixels, window, args.frame).image))
         except ImageRejected as exc:
             report(path, exc.message)
             continue
@@ -344,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="class index (default: each image's top-1); once for every image, or once "
                          "per image in the order given")
     explain.add_argument("--layer", default=None, help="module path (default: the model's)")
+    explain.add_argument("--window", default=None, metavar="C,W|auto", help="greyscale window for DICOM and "
+                         "high-bit-depth images (default: the file's own, else the values' stored range)")
+    explain.add_argument("--frame", type=bounded_int(0), default=None, metavar="N",
+                         help="frame of a multi-frame DICOM file (default the first)")
     explain.add_argument("--top-k", type=int, default=5)
     explain.add_argument("--batch-size", type=bounded_int(1, 256), default=8, metavar="N",
                          help="images per model forward, 1-256 (default: 8)")

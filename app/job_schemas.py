@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, RootModel, WithJsonSchema
 
-from app.schemas import HeatmapOut, PredictionOut
+from app.schemas import HeatmapOut, IntakeOut, PredictionOut
 from explainers.registry import names_of
 
 # Filled in by app.openapi with the server's job method names.
@@ -191,6 +191,8 @@ class JobSummary(BaseModel):
     started_at: str | None = Field(json_schema_extra={"format": "date-time"})
     ended_at: str | None = Field(json_schema_extra={"format": "date-time"})
     queue_position: int | None = Field(None, ge=0, description="while queued: jobs ahead of it")
+    intake: IntakeOut | None = Field(None, description="for a DICOM or high-bit-depth upload: how it became the "
+                                     "8-bit image the job explains (windowing, the file's technical facts)")
     cancel_requested: bool = Field(False, description="DELETE of a running job: it stops at its next step")
     error: JobError | None = Field(None, description="when failed or canceled")
     links: JobLinks

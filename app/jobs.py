@@ -30,6 +30,7 @@ from app.errors import ApiError
 from app.job_schemas import JOB_METHOD_MARK, JobListResponse, JobMethodsResponse, JobSubmitted, JobSummary, JobView
 from app.schemas import (CALLBACK_URL, CLASS_INDEX, FILE_NAME as FILE_NAME_SCHEMA, IDEMPOTENCY_KEY, JOB_ID,
                          JSON_OBJECT_TEXT, MODEL_NAME, RETRY_AFTER, WorkersResponse, error_responses, header)
+from app.routes import FrameField, WindowField
 from app.service import InferenceService
 from app.settings import Settings
 from core.validation import describe_validation_errors
@@ -134,7 +135,8 @@ class JobsClient:
     # ----- operations -----------------------------------------------------------------------
     def submit(self, caller: Principal, data: bytes, method_name: str, model: str, target: int | None,
                params_text: str | None, callback_url: str | None, idempotency: str | None,
-               request_id: str | None = None) -> tuple[dict[str, Any], bool]:
+               request_id: str | None = None, window: str | None = None,
+               frame: int | None = None) -> tuple[dict[str, Any], bool]:
         """Validate and enqueue a job of ``caller``; returns the job's view and whether it is an
         idempotent replay (of one of the caller's own requests)."""
         method = self._method(method_name)
@@ -157,9 +159,11 @@ class JobsClient:
         if idempotency is not None and not 1 <= len(idempotency) <= 255:
             raise ApiError(422, "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 characters")
         self._store()
-        decoded = self.service.decode_upload(data)
+        decoded = self.service.decode_upload(data, window, frame)
         payload = JobPayload(method=method.name, model=model, target=target, params=params,
-                             callback_url=callback_url or None).model_dump(mode="json", exclude={"study"})
+                             callback_url=callback_url or None).model_dump(mode="json", exclude={"study", "intake"})
+        if decoded.windowing is not None or decoded.dicom is not None:  # what the worker's pixels came from
+            payload["intake"] = decoded.intake_json()
         fingerprint = hashlib.sha256(data + json.dumps(payload, sort_keys=True).encode()).hexdigest()
         payload["request_id"] = request_id  # traced with the job; not part of what the request asks
         settings = self.settings
@@ -312,7 +316,7 @@ def _links(job_id: str) -> dict[str, str]:
     **error_responses(400, 409, 413, 415, 422, 429, 503)})
 async def submit_job(
     request: Request,
-    image: Annotated[UploadFile, File(description="the image: JPEG, PNG, WebP, BMP, GIF or TIFF")],
+    image: Annotated[UploadFile, File(description="the image: JPEG, PNG, WebP, BMP, GIF, TIFF or DICOM")],
     method: Annotated[str, Form(description="job method, e.g. gradcam (see GET /v1/jobs/methods)",
                                 json_schema_extra=JOB_METHOD_MARK)],
     model: Annotated[str, Form(description="model name (see GET /v1/models)",
@@ -322,6 +326,8 @@ async def submit_job(
     params: Annotated[str | None, Form(description="JSON object of the method's parameters (their schema: GET "
                                        "/v1/jobs/methods); at most UNBOX_MAX_JSON_BYTES, UNBOX_MAX_JSON_DEPTH deep",
                                        json_schema_extra=JSON_OBJECT_TEXT)] = None,
+    window: WindowField = None,
+    frame: FrameField = None,
     callback_url: Annotated[str | None, Form(description="http(s) URL that gets a signed POST when the job ends "
                                              "(see webhooks; private addresses are refused unless allowed)",
                                              json_schema_extra=CALLBACK_URL)] = None,
@@ -333,7 +339,7 @@ async def submit_job(
     data = await image.read()
     view, replayed = await run_in_threadpool(_jobs(request).submit, caller_of(request), data, method, model, target,
                                              params, callback_url, idempotency_key,
-                                             getattr(request.state, "request_id", None))
+                                             getattr(request.state, "request_id", None), window, frame)
     body = {key: view[key] for key in ("id", "status", "method", "model", "created_at")}
     body["links"] = _links(view["id"])
     headers = {"Location": f"/v1/jobs/{view['id']}", "Retry-After": POLL_AFTER_S}

@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from app.auth import require
-from app.schemas import (CLASS_INDEX, LAYER_PATH, MODEL_NAME, RATE_LIMIT_HEADERS, SCORECAM_CHANNELS, SYNC_METHOD_NAMES,
+from app.schemas import (CLASS_INDEX, LAYER_PATH, WINDOW_TEXT, MODEL_NAME, RATE_LIMIT_HEADERS, SCORECAM_CHANNELS, SYNC_METHOD_NAMES,
                          ExplainResponse, HealthResponse, ModelOut, ModelsResponse, PredictResponse, ReadyResponse,
                          error_responses, header)
 from app.service import InferenceService
@@ -18,9 +18,15 @@ from models.catalog import DEFAULT_MODEL
 
 router = APIRouter()
 
-ImageField = Annotated[UploadFile, File(description="the image: JPEG, PNG, WebP, BMP, GIF or TIFF")]
+ImageField = Annotated[UploadFile, File(description="the image: JPEG, PNG, WebP, BMP, GIF, TIFF or DICOM")]
 ModelField = Annotated[str, Form(description="model name (see GET /v1/models)", json_schema_extra=MODEL_NAME)]
 TopKField = Annotated[int, Form(ge=1, le=100, description="how many predictions to return")]
+WindowField = Annotated[str | None, Form(description="greyscale window 'C,W' (centre, width in the data's units, "
+                                         "e.g. 40,400 for CT soft tissue) or 'auto' (0.5-99.5th percentiles); "
+                                         "default the DICOM file's own window, else the values' stored range",
+                                         json_schema_extra=WINDOW_TEXT)]
+FrameField = Annotated[int | None, Form(ge=0, le=100_000, description="frame of a multi-frame DICOM file "
+                                        "(default the first)")]
 
 
 def _service(request: Request) -> InferenceService:
@@ -36,10 +42,10 @@ PNG_HEADERS = {"X-Unbox-Target": header("the explained class index", {"type": "i
              responses={**SYNC_ERRORS, 200: {"headers": RATE_LIMIT_HEADERS}},
              dependencies=[Depends(require("predict"))])
 async def predict(request: Request, image: ImageField, model: ModelField = DEFAULT_MODEL,
-                  top_k: TopKField = 5) -> dict:
+                  top_k: TopKField = 5, window: WindowField = None, frame: FrameField = None) -> dict:
     """Classify an image: the top-k classes with their softmax probabilities."""
     data = await image.read()
-    return await run_in_threadpool(_service(request).predict, data, model, top_k)
+    return await run_in_threadpool(_service(request).predict, data, model, top_k, window, frame)
 
 
 @router.post("/v1/explain", response_model=ExplainResponse, responses={
@@ -69,15 +75,17 @@ async def explain(
     metrics_unit: Annotated[MetricUnit, Form(
         description="with metrics=true: 'pixel' (default) changes the map's pixels in order; 'cell' scores it like "
                     "the I-GOS papers' code (28 x 28 cells, soft reveal), to compare with their figures")] = "pixel",
+    window: WindowField = None,
+    frame: FrameField = None,
 ) -> Response:
     """Predict and explain in one call: a heat map of what drove the target class."""
     data = await image.read()
-    result = await run_in_threadpool(_service(request).explain, data, method, model, target, layer or None, top_k,
-                                     channels, metrics_unit if metrics else None)
+    result, upload = await run_in_threadpool(_service(request).explain, data, method, model, target, layer or None,
+                                             top_k, channels, metrics_unit if metrics else None, window, frame)
     if "image/png" in request.headers.get("accept", "") and "application/json" not in request.headers.get("accept", ""):
         return Response(result.heatmap.overlay_png, media_type="image/png",
                         headers={"X-Unbox-Target": str(result.target.index), "X-Unbox-Label": result.target.label})
-    return JSONResponse(result.as_json())
+    return JSONResponse({**result.as_json(), "intake": upload.intake_json()})
 
 
 @router.get("/v1/models", response_model=ModelsResponse, tags=["models"], dependencies=[Depends(require())])

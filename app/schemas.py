@@ -24,9 +24,42 @@ class PredictionOut(BaseModel):
     score: float = Field(description="softmax probability")
 
 
+class WindowingOut(BaseModel):
+    """How greyscale values beyond 8 bits (or with a window asked for) became the 8 bits the model saw."""
+
+    source: Literal["request", "auto", "file_voi_lut", "file_window", "stored_bits", "data_range"] = Field(
+        description="request: window=C,W; auto: the 0.5-99.5th percentiles; file_voi_lut / file_window: the DICOM "
+                    "file's own; stored_bits: the range the file says its values use; data_range: min to max")
+    center: float
+    width: float
+    function: Literal["LINEAR", "SIGMOID", "LUT"]
+    inverted: bool = Field(description="MONOCHROME1: low values shown bright")
+
+
+class DicomFactsOut(BaseModel):
+    """The technical facts of a DICOM upload: the only header fields ever returned or kept."""
+
+    rows: int
+    columns: int
+    frames: int
+    frame: int = Field(description="the frame explained (the request's frame, default 0)")
+    modality: str | None
+    bits_stored: int | None
+    photometric_interpretation: str | None
+    transfer_syntax: str | None
+
+
+class IntakeOut(BaseModel):
+    format: str = Field(description="JPEG, PNG, WEBP, BMP, GIF, TIFF, MPO or DICOM")
+    mode: str = Field(description="the upload's pixel mode (e.g. I;16, L, RGB, DICOM MONOCHROME2)")
+    windowing: WindowingOut | None = Field(description="null for 8-bit images shown as they are")
+    dicom: DicomFactsOut | None
+
+
 class PredictResponse(BaseModel):
     model: str
     predictions: list[PredictionOut]
+    intake: IntakeOut
     timing_ms: dict[str, float]
 
 
@@ -50,6 +83,7 @@ class ExplainResponse(BaseModel):
                                     "(onnxruntime | torch: what ran the masked forwards)")
     metrics: dict[str, Any] | None = Field(None, description="with metrics=true: deletion_auc, insertion_auc, "
                                            "their curves and the protocol (baseline, steps, score)")
+    intake: IntakeOut
     timing_ms: dict[str, float]
 
 
@@ -131,6 +165,7 @@ SYNC_METHOD_NAMES = {"enum": list(SYNCHRONOUS)}
 SCORECAM_CHANNELS = {"x-unbox-fill": "scorecam_channels",
                      "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "const": "all"}]}
 LAYER_PATH = {"pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", "maxLength": 256}
+WINDOW_TEXT = {"pattern": r"^\s*([Aa][Uu][Tt][Oo]|-?[0-9]+(\.[0-9]+)?\s*,\s*[1-9][0-9]*(\.[0-9]+)?)\s*$", "maxLength": 64}
 JSON_OBJECT_TEXT = {"contentMediaType": "application/json", "contentSchema": {"type": "object"}}
 CALLBACK_URL = {"pattern": r"^https?://[^\x00-\x20\x7f\\/?#@]+([/?#][^\x00-\x20\x7f\\]*)?$", "maxLength": 2048}
 IDEMPOTENCY_KEY = {"minLength": 1, "maxLength": 255}

@@ -12,11 +12,11 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
 from app.errors import ApiError
 from app.intake import DecodedImage, ImageRejected, decode_image
+from app.windowing import WindowRefused, parse_window
 from app.metrics import Metrics
 from app.settings import Settings
 from explainers.capture import LayerCapture, resolve_layer
@@ -53,21 +53,21 @@ class InferenceService:
         except (ModelBuildError, OSError, RuntimeError, ValueError) as exc:
             raise ApiError(503, "model_unavailable", f"model {name!r} cannot be loaded: {exc}") from None
 
-    def decode(self, data: bytes) -> Image.Image:
-        return self.decode_upload(data).image
-
-    def decode_upload(self, data: bytes) -> DecodedImage:
-        """The upload decoded (RGB image, source format), or the 4xx that says why not."""
+    def decode_upload(self, data: bytes, window: str | None = None, frame: int | None = None) -> DecodedImage:
+        """The upload decoded (8-bit RGB, windowed where it applies; its format and windowing), or
+        the 4xx that says why not."""
         if len(data) > self.settings.max_upload_bytes:
             raise ApiError(413, "upload_too_large", f"the upload exceeds {self.settings.max_upload_bytes} bytes")
         try:
-            return decode_image(data, self.settings.max_image_pixels)
-        except ImageRejected as exc:
-            raise ApiError(exc.status, exc.code, exc.message) from None
+            return decode_image(data, self.settings.max_image_pixels, parse_window(window), frame)
+        except (ImageRejected, WindowRefused) as exc:
+            raise ApiError(getattr(exc, "status", 422), exc.code, exc.message) from None
 
-    def predict(self, data: bytes, model_name: str, top_k: int) -> dict[str, Any]:
+    def predict(self, data: bytes, model_name: str, top_k: int, window: str | None = None,
+                frame: int | None = None) -> dict[str, Any]:
         started = time.perf_counter()
-        image = self.decode(data)
+        upload = self.decode_upload(data, window, frame)
+        image = upload.image
         model = self.model(model_name)
         decoded = time.perf_counter()
         inputs, _ = model.preprocessor.to_input(image)
@@ -80,6 +80,7 @@ class InferenceService:
         return {
             "model": model.name,
             "predictions": [asdict(p) for p in predictions],
+            "intake": upload.intake_json(),
             "timing_ms": {"decode": round((decoded - started) * 1e3, 2),
                           "inference": round((finished - decoded) * 1e3, 2),
                           "total": round((finished - started) * 1e3, 2)},
@@ -149,10 +150,13 @@ class InferenceService:
         return int(capture.require().shape[1])
 
     def explain(self, data: bytes, method: str, model_name: str, target: int | None, layer: str | None,
-                top_k: int, channels: str | None = None, metrics: MetricUnit | None = None) -> ImageExplanation:
+                top_k: int, channels: str | None = None, metrics: MetricUnit | None = None,
+                window: str | None = None, frame: int | None = None) -> tuple[ImageExplanation, DecodedImage]:
+        """The explanation of the upload, and the upload as decoded (its intake facts go in the answer)."""
         started = time.perf_counter()
         self.method_config(method, channels)  # the request's own mistakes first, before any decoding
-        image = self.decode(data)
+        upload = self.decode_upload(data, window, frame)
+        image = upload.image
         model = self.model(model_name)
         if target is not None and not 0 <= target < model.num_classes:
             raise ApiError(422, "invalid_target", f"target must be a class index in [0, {model.num_classes - 1}]")
@@ -167,7 +171,7 @@ class InferenceService:
         self.metrics.inference.labels(model.name, method).observe(result.timing_ms["explain"] / 1e3)
         result.timing_ms = {"decode": round((decoded - started) * 1e3, 2), **result.timing_ms,
                             "total": round((time.perf_counter() - started) * 1e3, 2)}
-        return result
+        return result, upload
 
 
 def _declared_channels(module: nn.Module) -> int | None:

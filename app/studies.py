@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from app.auth import Principal, caller_of, require
 from app.errors import ApiError
 from app.intake import ImageRejected, decode_image
+from app.windowing import WindowRefused, WindowRequest, parse_window
 from app.json_input import parse_json_object
 from app.jobs import JobsClient
 from app.schemas import JSON_OBJECT_TEXT, RETRY_AFTER, error_responses, header
@@ -160,13 +161,18 @@ class StudiesClient:
         if total > self.settings.study_max_items:
             raise ApiError(422, "study_too_large", f"the study has {total} items (images x models x methods); at "
                            f"most {self.settings.study_max_items} are allowed (UNBOX_STUDY_MAX_ITEMS)")
-        images = self._intake(archive.files, rows)
+        try:
+            window = parse_window(spec.window)
+        except WindowRefused as exc:
+            raise _invalid_spec(f"invalid spec: window: {exc.message}") from None
+        images = self._intake(archive.files, rows, window)
         masks, regions = self._regions(archive.files, rows, images)
         study_id = uuid.uuid4().hex
         with self.jobs._reachable():
             items = self._items(store, caller, study_id, spec, rows, images)
             manifest = [{"line": row.line, "path": row.path, "target": row.target, "label": row.label,
-                         "region": regions[r], "image": images[row.path].index, "size": images[row.path].size}
+                         "region": regions[r], "image": images[row.path].index, "size": images[row.path].size,
+                         "intake": images[row.path].intake}
                         for r, row in enumerate(rows)]
             record = {"name": spec.name or "", "spec": spec.model_dump_json(), "manifest": json.dumps(manifest)}
             blobs = [image.blob for image in sorted(images.values(), key=lambda image: image.index)
@@ -193,7 +199,7 @@ class StudiesClient:
                            "(UNBOX_MAX_ACTIVE_STUDIES_PER_KEY); wait for one to end or cancel it",
                            {"Retry-After": "30"})
 
-    def _intake(self, files: dict[str, bytes], rows: list[ManifestRow]) -> dict[str, "_Intake"]:
+    def _intake(self, files: dict[str, bytes], rows: list[ManifestRow], window: WindowRequest) -> dict[str, "_Intake"]:
         """Each distinct image decoded once: its stored blob and pixel digest, or why it is unreadable."""
         images: dict[str, _Intake] = {}
         for row in rows:
@@ -204,14 +210,15 @@ class StudiesClient:
                 if len(data) > self.settings.max_upload_bytes:
                     raise ImageRejected(413, "upload_too_large", f"the image exceeds {self.settings.max_upload_bytes} "
                                         "bytes")
-                decoded = decode_image(data, self.settings.max_image_pixels)
+                decoded = decode_image(data, self.settings.max_image_pixels, window)
             except ImageRejected as exc:
                 images[row.path] = _Intake(-1, None, "", None, {"code": exc.code, "message": exc.message})
                 continue
             index = sum(image.blob is not None for image in images.values())
             digest = hashlib.sha256(decoded.image.tobytes()).hexdigest()
             images[row.path] = _Intake(index, encode_for_storage(data, decoded.image, decoded.format), digest,
-                                       list(decoded.image.size), None)
+                                       list(decoded.image.size), None,
+                                       decoded.intake_json() if decoded.windowing or decoded.dicom else None)
         return images
 
     def _regions(self, files: dict[str, bytes], rows: list[ManifestRow],
@@ -383,11 +390,12 @@ class _Intake:
     """One distinct image of the archive: its index among the stored images, blob, digest, size
     (or the error that makes its items fail)."""
 
-    __slots__ = ("index", "blob", "digest", "size", "error")
+    __slots__ = ("index", "blob", "digest", "size", "error", "intake")
 
     def __init__(self, index: int, blob: bytes | None, digest: str, size: list[int] | None,
-                 error: dict[str, str] | None) -> None:
+                 error: dict[str, str] | None, intake: dict[str, Any] | None = None) -> None:
         self.index, self.blob, self.digest, self.size, self.error = index, blob, digest, size, error
+        self.intake = intake  # windowing and a DICOM's technical facts, as responses report them
 
 
 # ----- routes -------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ except ImportError:  # pragma: no cover - a Python built without lzma
 # what a damaged compressed member raises (bz2 raises OSError, caught separately)
 _DECOMPRESSION_ERRORS: tuple[type[Exception], ...] = (zlib.error, _LZMAError)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".dcm"})
 MANIFEST_NAME = "manifest.csv"
 MAX_MANIFEST_BYTES = 1024 * 1024
 RATIO_FLOOR = 1024 * 1024  # a zip member's expansion ratio is only judged above this size

@@ -446,7 +446,7 @@ def test_every_job_answer_has_a_test(stack: Stack, small_cat: bytes) -> None:
         assert busy.status_code == 422  # another request's fingerprint
         from workers.payload import JobPayload
         import hashlib
-        payload = JobPayload(method="gradcam", model="efficientnet_lite0").model_dump(mode="json", exclude={"study"})
+        payload = JobPayload(method="gradcam", model="efficientnet_lite0").model_dump(mode="json", exclude={"study", "intake"})
         fingerprint = hashlib.sha256(small_cat + json.dumps(payload, sort_keys=True).encode()).hexdigest()
         stack.redis().set(idempotency_key(ANONYMOUS, "in-flight"), json.dumps({"job_id": "0" * 32, "fingerprint": fingerprint}),
                           ex=3600)

@@ -35,7 +35,7 @@ MODELS = ["efficientnet_lite0", "efficientnet_lite1"]
 ESPRESSO, EGYPTIAN_CAT = 967, 285
 SPEC = {"name": "sample photos", "models": MODELS,
         "methods": [{"name": "gradcam"}, {"name": "layercam"}],
-        "analyses": {"faithfulness": {"steps": 4, "bootstrap": 200}, "regions": {"gallery": 8},
+        "analyses": {"faithfulness": {"steps": 2, "bootstrap": 200}, "regions": {"gallery": 8},
                      "crosstest": {"budgets": [0.1, 0.3], "method": "gradcam"}, "agreement": {"grid": 7}}}
 TERMINAL = {"succeeded", "canceled"}
 

@@ -31,6 +31,8 @@ class JobPayload(BaseModel):
     callback_url: str | None = None
     request_id: str | None = Field(None, pattern=REQUEST_ID_PATTERN,
                                    description="the submitting request's X-Request-ID, carried into the worker's logs")
+    intake: dict[str, Any] | None = Field(None, description="how the API decoded the upload (format, windowing, a "
+                                          "DICOM's technical facts): reported with the job, never a header value")
     study: StudyItemRef | None = Field(None, description="set on a study's item: its study and image (stored "
                                        "once per study, not per job)")
 

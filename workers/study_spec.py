@@ -104,6 +104,8 @@ class StudySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, max_length=200, description="a label for people (shown in the dashboard)")
+    window: str | None = Field(None, max_length=64, description="greyscale window for every image, 'C,W' or 'auto' "
+                               "(as /v1/predict's window); default each DICOM file's own, else the stored range")
     models: list[str] = Field(min_length=1, max_length=8)
     methods: list[StudyMethod] = Field(min_length=1, max_length=8)
     analyses: Analyses = Field(default_factory=Analyses)
