@@ -198,6 +198,10 @@ def decode_dicom(data: bytes, max_pixels: int, request: WindowRequest, frame: in
             raise DicomRejected(413, "too_many_pixels", "the DICOM image is too large to decode") from None
         except Exception as exc:
             logger.info("a DICOM upload's pixels could not be decoded (%s)", type(exc).__name__)  # no values
+            syntax = dataset.file_meta.TransferSyntaxUID
+            if syntax.is_compressed:  # a variant the installed decoders do not handle (e.g. some 12-bit JPEG)
+                raise DicomRejected(415, "unsupported_transfer_syntax", f"the installed decoders could not decode "
+                                    f"this file's {_syntax_name(syntax)} pixel data; send it uncompressed") from None
             raise DicomRejected(400, "corrupt_image", "the DICOM pixel data is corrupt or truncated") from None
     if monochrome:
         if values.ndim != 2:

@@ -139,9 +139,10 @@ def running_stack(artifacts: Path, folder: Path, name: str, workers: int = 2, mo
                 "UNBOX_WEBHOOK_SECRET": WEBHOOK_SECRET, "UNBOX_WEBHOOK_BACKOFF_S": "0.3",
                 "UNBOX_WEBHOOK_ALLOW_NETWORKS": WEBHOOK_ALLOW_NETWORKS,
                 "UNBOX_WORKER_HEARTBEAT_S": "0.5", "UNBOX_TORCH_THREADS": "1",
-                # PyTorch forwards: no ONNX export at every process's start-up (a third of a stack's
-                # start on 2 cores). The jobs stack runs the default runtime; test_onnx_cpu the rest.
-                "UNBOX_CPU_RUNTIME": "torch", **(env or {})}
+                # PyTorch forwards, no warm-up pass: no ONNX export or fast-path warm-up at every
+                # process's start (about a third of a stack's start on 2 cores). The jobs stack runs
+                # the service's defaults; test_onnx_cpu and test_execution_seam test the warm-up.
+                "UNBOX_CPU_RUNTIME": "torch", "UNBOX_FAST_WARMUP": "false", **(env or {})}
     (artifacts / f"{name}-worker.log").unlink(missing_ok=True)
     started: Stack | None = None
     with ThreadPoolExecutor(workers + 1) as pool:

@@ -56,7 +56,7 @@ def server(keys: dict[str, object], artifacts: Path) -> Iterator[str]:
     """``unbox api`` (the default model, no queue) with the key file above. Scoring stays in
     PyTorch (no ONNX export at start-up, seconds saved) and Score-CAM scores 16 channels."""
     process, url = start_api({"UNBOX_API_KEYS_FILE": str(keys["file"]), "UNBOX_SCORECAM_CHANNELS": "16",
-                              "UNBOX_CPU_RUNTIME": "torch", "UNBOX_TORCH_THREADS": "2"},
+                              "UNBOX_CPU_RUNTIME": "torch", "UNBOX_FAST_WARMUP": "false", "UNBOX_TORCH_THREADS": "2"},
                              artifacts / "dashboard-auth-server.log")
     yield url
     stop(process)

@@ -210,6 +210,10 @@ def test_refusals_name_the_transfer_syntax_and_keep_to_the_limits() -> None:
         decode_image(unsupported_syntax_file(), LIMIT)
     assert (refused.value.status, refused.value.code) == (415, "unsupported_transfer_syntax")
     assert "MPEG2 Main Profile / Main Level" in refused.value.message and "1.2.840.10008.1.2.4.100" in refused.value.message
+    with pytest.raises(ImageRejected) as variant:  # JPEG Extended 12-bit that libjpeg and Pillow refuse
+        decode_image(bundled("JPEG-lossy.dcm"), LIMIT)
+    assert (variant.value.status, variant.value.code) == (415, "unsupported_transfer_syntax")
+    assert "JPEG Extended" in variant.value.message
     with pytest.raises(ImageRejected) as too_big:
         decode_image(make_dicom(ramp()), 64 * 96 - 1)
     assert too_big.value.status == 413

@@ -86,7 +86,8 @@ def test_invalid_json_is_refused(text):
 def api(artifacts: Path, resnet_catalog: Path) -> Iterator[str]:
     """The default model, a one-second body read timeout, one inference at a time."""
     process, url = start_api({"UNBOX_UPLOAD_READ_TIMEOUT_S": str(READ_TIMEOUT_S), "UNBOX_CATALOG": str(resnet_catalog),
-                              "UNBOX_MAX_CONCURRENT_INFERENCE": "1"}, artifacts / "hostile-api.log")
+                              "UNBOX_MAX_CONCURRENT_INFERENCE": "1", "UNBOX_CPU_RUNTIME": "torch",
+                              "UNBOX_FAST_WARMUP": "false"}, artifacts / "hostile-api.log")  # bodies under test
     yield url
     stop(process)
 

@@ -33,7 +33,7 @@ def stack(artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     with running_stack(artifacts, tmp_path_factory.mktemp("jobs"), "jobs", models="efficientnet_lite0,tiny,tiny_vit",
                        env={"UNBOX_MAX_QUEUE_LENGTH": str(MAX_QUEUE), "UNBOX_JOB_RESULT_TTL_S": str(RESULT_TTL_S),
                             "UNBOX_JOB_INLINE_PICTURE_MAX_BYTES": "4096",
-                            "UNBOX_CPU_RUNTIME": "auto"}) as started:  # the service's default: ONNX Runtime
+                            "UNBOX_CPU_RUNTIME": "auto", "UNBOX_FAST_WARMUP": "true"}) as started:  # the defaults
         yield started
 
 

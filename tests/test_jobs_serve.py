@@ -84,7 +84,8 @@ def _poll_log(log: Path, pattern: str, timeout: float) -> re.Match[str]:
 
 def test_serve_restarts_a_killed_worker_which_then_takes_jobs(artifacts: Path, chelsea: Image.Image) -> None:
     log = artifacts / "serve-restart.log"
-    process, url = start_api({"UNBOX_REDIS_URL": "", "UNBOX_TORCH_THREADS": "1"}, log, command="serve",
+    process, url = start_api({"UNBOX_REDIS_URL": "", "UNBOX_TORCH_THREADS": "1", "UNBOX_CPU_RUNTIME": "torch",
+                              "UNBOX_FAST_WARMUP": "false"}, log, command="serve",  # restarts under test, not warm-up
                              args=["--workers", "1"])
     new_pid = None
     try:
