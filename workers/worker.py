@@ -251,7 +251,7 @@ class UnboxWorker:
         try:
             self.studies.remember(request.study.cache_key, outcome.result, self.settings.job_result_ttl_s)
         except redis.RedisError as exc:
-            logger.warning("job %s: its result was not cached (%s)", request.study.study, exc)
+            logger.warning("study %s: an item's result was not cached (%s)", request.study.study, exc)
 
     def _record(self, lease: Lease, outcome: Outcome) -> bool:
         """Write the attempt's outcome; whether it was accepted (the lease still held)."""
