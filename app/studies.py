@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -386,16 +387,17 @@ class StudiesClient:
         return encode_png(blend(np.asarray(small.convert("RGB")), levels))
 
 
+@dataclass(slots=True)
 class _Intake:
     """One distinct image of the archive: its index among the stored images, blob, digest, size
-    (or the error that makes its items fail)."""
+    (or the error that makes its items fail), and its windowing / DICOM facts as reported."""
 
-    __slots__ = ("index", "blob", "digest", "size", "error", "intake")
-
-    def __init__(self, index: int, blob: bytes | None, digest: str, size: list[int] | None,
-                 error: dict[str, str] | None, intake: dict[str, Any] | None = None) -> None:
-        self.index, self.blob, self.digest, self.size, self.error = index, blob, digest, size, error
-        self.intake = intake  # windowing and a DICOM's technical facts, as responses report them
+    index: int
+    blob: bytes | None
+    digest: str
+    size: list[int] | None
+    error: dict[str, str] | None
+    intake: dict[str, Any] | None = None
 
 
 # ----- routes -------------------------------------------------------------------------------
