@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test bench pictures clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ bench: $(STAMP)
 	$(PY) -m bench.igos
 	$(PY) -m bench.sag
 	$(PY) -m bench.study
+
+pictures: $(STAMP)
+	$(PY) scripts/readme_pictures.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info test-artifacts

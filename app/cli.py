@@ -1,4 +1,4 @@
-"""The ``unbox`` command: serve, api, worker and an offline ``explain``."""
+"""The ``unbox`` command: serve, api, worker, an offline ``explain`` and ``compare``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NoReturn
 
@@ -15,6 +16,8 @@ from app.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from app.compare import ImageComparison
 
     from workers.supervisor import WorkerSupervisor
 
@@ -250,6 +253,173 @@ def _explain(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if not failed else 1 if several else 2
 
 
+def _parse_params(usage_error: Callable[[str], NoReturn], given: list[str]) -> dict[str, dict[str, object]]:
+    """``--params METHOD=JSON`` (repeatable) as {method: params}; a later one for the same
+    method updates the earlier."""
+    overrides: dict[str, dict[str, object]] = {}
+    for text in given:
+        method, sep, raw = text.partition("=")
+        if not sep or not method.strip():
+            usage_error(f"--params: expected METHOD=JSON, got {text!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            usage_error(f"--params {method.strip()}: not JSON ({exc.msg} at character {exc.pos + 1})")
+        if not isinstance(value, dict):
+            usage_error(f"--params {method.strip()}: expected a JSON object, got {raw!r}")
+        overrides.setdefault(method.strip(), {}).update(value)
+    return overrides
+
+
+def _compare_table(comparisons: list[ImageComparison], figure: Path, width: int, height: int) -> str:
+    """One line per image x method: scores and the explanation's seconds (as the figure shows
+    them; scoring aside), then where the figure went."""
+    from app.compare import title
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    header = ("image", "class", "method", "deletion", "insertion", "seconds", "note")
+    rows = [header]
+    for comparison in comparisons:
+        target = comparison.target
+        for outcome in comparison.outcomes:
+            note = (f"error: {outcome.error}" if outcome.error else
+                    f"{outcome.roots} root{'' if outcome.roots == 1 else 's'}, not a heat map" if outcome.kind == "graph"
+                    else "")
+            rows.append((comparison.name, f"{target.label} ({target.index})", title(outcome.method),
+                         number(outcome.deletion_auc), number(outcome.insertion_auc), f"{outcome.explain_seconds:.2f}",
+                         note))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    right = {3, 4, 5}
+    lines = ["  ".join([*(cell.rjust(w) if i in right else cell.ljust(w)
+                          for i, (cell, w) in enumerate(zip(row, widths))), row[-1]]).rstrip() for row in rows]
+    lines.append(f"figure written to {figure} ({width} x {height} px)")
+    return "\n".join(lines)
+
+
+def _compare(args: argparse.Namespace, settings: Settings) -> int:
+    """``unbox compare IMAGE... -o figure.png``: several methods on the same images, one figure.
+
+    Every method of an image explains the same class (``--target``, else the model's top-1);
+    the figure has a row per image and a column per method with its deletion / insertion AUCs
+    and time. An image that cannot be read is reported and left out; a method that fails on an
+    image is a cell with its error. Exit 0, 1 when anything failed, 2 on a usage or model error
+    or when no image could be read."""
+    from app.compare import compare_images, default_preset, figure_rows, method_params, summary, title
+    from app.intake import ImageRejected, decode_image
+    from app.windowing import WindowRefused, parse_window
+    from explainers.compare_figure import compose_figure
+    from explainers.errors import ExplainError
+    from explainers.registry import METHODS
+    from models.catalog import load_catalog
+    from models.registry import ModelRegistry, UnknownModelError
+
+    images: list[str] = args.images
+    methods = list(dict.fromkeys(name.strip() for name in args.methods.split(",") if name.strip()))
+    if not methods:
+        args.usage_error("--methods: name at least one method")
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        args.usage_error(f"--methods: unknown method {unknown[0]!r}; known: {', '.join(sorted(METHODS))}")
+    overrides = _parse_params(args.usage_error, args.params or [])
+    strays = [name for name in overrides if name not in methods]
+    if strays:
+        args.usage_error(f"--params names {strays[0]!r}, which is not among --methods ({', '.join(methods)})")
+    given: list[int] = args.target or []
+    if len(given) not in (0, 1, len(images)):
+        args.usage_error(f"--target: give one for every image or one per image ({len(images)} images), "
+                         f"not {len(given)}")
+    targets: list[int | None] = (given * len(images) if len(given) == 1 else list(given)) or [None] * len(images)
+    try:
+        window = parse_window(args.window)
+    except WindowRefused as exc:
+        args.usage_error(f"--window: {exc.message}")
+    output = Path(args.output)
+    if output.is_dir() or not output.parent.is_dir():
+        args.usage_error(f"-o/--output: {output} must be a file in an existing directory")
+    device = settings.resolved_device()
+    preset = args.preset or default_preset(device)
+    try:
+        chosen = method_params(methods, preset, settings.scorecam_channels, overrides, args.metric_steps)
+    except ExplainError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    # the lattice SAG scores patch sets on, so that the warm-up builds its scorer too
+    grid = next((getattr(chosen[name], "grid", None) for name in methods if METHODS[name].result_kind == "graph"),
+                None)
+
+    failed = 0
+    decoded: list[tuple[str, Image.Image]] = []
+    kept: list[int | None] = []
+    for path, target in zip(images, targets):
+        try:
+            data = Path(path).read_bytes()
+            decoded.append((Path(path).name, decode_image(data, settings.max_image_pixels, window, args.frame).image))
+            kept.append(target)
+        except OSError as exc:
+            failed += 1
+            print(f"error: cannot read {path}: {exc.strerror}", file=sys.stderr, flush=True)
+        except ImageRejected as exc:
+            failed += 1
+            print(f"error: {path}: {exc.message}", file=sys.stderr, flush=True)
+    if not decoded:
+        return 2
+
+    settings.apply_to_torch()
+    # warmed as the workers are (UNBOX_FAST_WARMUP): the times compare the methods, not which
+    # one happened to build the model's runtimes first
+    registry = ModelRegistry(load_catalog(settings.catalog), device, settings.execution_policy(), grid)
+    try:
+        model = registry.get(args.model)
+    except UnknownModelError:
+        print(f"error: unknown model {args.model!r}; available: {', '.join(sorted(registry.specs))}",
+              file=sys.stderr)
+        return 2
+    outside = sorted({t for t in kept if t is not None and not 0 <= t < len(model.labels)})
+    if outside:
+        print(f"error: target must be a class index in [0, {len(model.labels) - 1}], got {outside[0]}",
+              file=sys.stderr)
+        return 2
+
+    started: dict[str, float] = {}
+
+    def progress(name: str, method: str, fraction: float, stage: str) -> None:
+        if stage == "start":
+            started[method] = time.perf_counter()
+            print(f"{name}: {method} ...", file=sys.stderr, flush=True)
+        elif stage == "warm-up":
+            print(f"{name}: {method} (warm-up, untimed) ...", file=sys.stderr, flush=True)
+        elif stage == "end":
+            print(f"{name}: {method} took {time.perf_counter() - started[method]:.2f} s", file=sys.stderr,
+                  flush=True)
+
+    print(f"comparing {', '.join(methods)} on {len(decoded)} image{'' if len(decoded) == 1 else 's'} "
+          f"with {model.name} ({preset} preset, {device})", file=sys.stderr, flush=True)
+    try:
+        comparisons = compare_images(model, decoded, methods, kept, preset, settings, progress, overrides,
+                                     args.metric_steps, args.warm_up)
+    except ExplainError as exc:  # a refusal before any method ran (params, targets)
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    png, layout = compose_figure(figure_rows(comparisons))
+    try:
+        output.write_bytes(png)
+    except OSError as exc:
+        print(f"error: cannot write {output}: {exc.strerror}", file=sys.stderr)
+        return 2
+    failed += sum(comparison.failed for comparison in comparisons)
+    if args.json:
+        print(json.dumps({"model": model.name, "preset": preset, "device": device, "methods": methods,
+                          "figure": {"path": str(output), "width": layout.width, "height": layout.height,
+                                     "columns": ["image", *(title(name) for name in methods)],
+                                     "header": [list(box) for box in layout.header]},
+                          "images": summary(comparisons, layout)}, indent=2))
+    else:
+        print(_compare_table(comparisons, output, layout.width, layout.height))
+    return 1 if failed else 0
+
+
 def _keys(args: argparse.Namespace, settings: Settings) -> int:
     """``unbox keys add | list | revoke``: manage the key file named by UNBOX_API_KEYS_FILE (or --file)."""
     from app.api_keys import KeyFileError, add_key, parse_scopes, read_keys, revoke_key
@@ -317,6 +487,50 @@ def _add_listen_options(parser: argparse.ArgumentParser) -> None:
                         help="port of the API (default: UNBOX_PORT, 8000)")
 
 
+def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
+    from app.compare import DEFAULT_METHODS, METRIC_STEPS, PRESETS
+
+    compare = commands.add_parser(
+        "compare", help="compare methods on the same images in one figure (for papers and reports)",
+        description="Explain the same images with several methods, offline, and draw one figure: a row per "
+        "image, a column per method, each cell with its deletion / insertion AUCs and its time. Every method "
+        "of an image explains the same class. Exit 0; 1 when an image or a method failed (the rest is still "
+        "drawn); 2 on a usage or model error, or when no image could be read.")
+    compare.add_argument("images", nargs="+", metavar="IMAGE", help="one or more image files")
+    compare.add_argument("-o", "--output", default="compare.png", help="figure PNG to write (default: compare.png)")
+    compare.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="M1,M2,...",
+                         help=f"methods of the registry, comma-separated, in column order (default: "
+                         f"{','.join(DEFAULT_METHODS)})")
+    compare.add_argument("--preset", choices=PRESETS, default=None,
+                         help="cpu: the CPU presets (I-GOS preset=cpu, quick SAG, Score-CAM on "
+                         "UNBOX_SCORECAM_CHANNELS channels); paper: every method's own defaults (default: cpu "
+                         "on a CPU device, paper on CUDA)")
+    compare.add_argument("--params", action="append", default=None, metavar="METHOD=JSON",
+                         help="a method's params over the preset's, as its job takes them, e.g. "
+                         "'igos={\"iterations\": 4}'; repeatable")
+    compare.add_argument("--metric-steps", type=bounded_int(1, 500), default=METRIC_STEPS, metavar="N",
+                         help=f"steps of every deletion / insertion curve, heat maps and masks alike (default: "
+                         f"{METRIC_STEPS})")
+    compare.add_argument("--warm-up", action="store_true", help="run every method once, untimed, on the first "
+                         "image before the timed runs, so that no time includes one-off first-run costs")
+    compare.add_argument("--model", default="efficientnet_lite0")
+    compare.add_argument("--target", type=int, action="append", default=None, metavar="N",
+                         help="class index (default: each image's top-1 of the model); once for every image, "
+                         "or once per image in the order given")
+    _add_intake_options(compare)
+    compare.add_argument("--json", action="store_true", help="print a JSON summary instead of the table: per "
+                         "image its target and cell, per method its AUCs, seconds and cell in the figure")
+    compare.set_defaults(usage_error=compare.error)
+
+
+def _add_intake_options(parser: argparse.ArgumentParser) -> None:
+    """How a DICOM or high-bit-depth file becomes the 8-bit image explained (as the API's form fields)."""
+    parser.add_argument("--window", default=None, metavar="C,W|auto", help="greyscale window for DICOM and "
+                        "high-bit-depth images (default: the file's own, else the values' stored range)")
+    parser.add_argument("--frame", type=bounded_int(0), default=None, metavar="N",
+                        help="frame of a multi-frame DICOM file (default the first)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unbox", description="Predictions with the heat maps that explain them.")
     parser.add_argument("--version", action="version", version=f"unbox {package_version()}")
@@ -349,10 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="class index (default: each image's top-1); once for every image, or once "
                          "per image in the order given")
     explain.add_argument("--layer", default=None, help="module path (default: the model's)")
-    explain.add_argument("--window", default=None, metavar="C,W|auto", help="greyscale window for DICOM and "
-                         "high-bit-depth images (default: the file's own, else the values' stored range)")
-    explain.add_argument("--frame", type=bounded_int(0), default=None, metavar="N",
-                         help="frame of a multi-frame DICOM file (default the first)")
+    _add_intake_options(explain)
     explain.add_argument("--top-k", type=int, default=5)
     explain.add_argument("--batch-size", type=bounded_int(1, 256), default=8, metavar="N",
                          help="images per model forward, 1-256 (default: 8)")
@@ -364,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="print the result as JSON (several images: "
                          "one JSON line each, with its image and files)")
     explain.set_defaults(usage_error=explain.error)  # exit 2 with this command's usage
+    _add_compare_parser(commands)
     return parser
 
 
@@ -379,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_api(settings)
         if args.command == "keys":
             return _keys(args, settings)
+        if args.command == "compare":
+            return _compare(args, settings)
         return _explain(args, settings)
     except SettingsError as exc:
         print(f"unbox: {exc}", file=sys.stderr)

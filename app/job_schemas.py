@@ -191,6 +191,8 @@ class JobSummary(BaseModel):
     started_at: str | None = Field(json_schema_extra={"format": "date-time"})
     ended_at: str | None = Field(json_schema_extra={"format": "date-time"})
     queue_position: int | None = Field(None, ge=0, description="while queued: jobs ahead of it")
+    params: dict[str, Any] | None = Field(None, description="the parameters the job runs with: the method's "
+                                          "defaults and preset, overridden by those the request set")
     intake: IntakeOut | None = Field(None, description="for a DICOM or high-bit-depth upload: how it became the "
                                      "8-bit image the job explains (windowing, the file's technical facts)")
     cancel_requested: bool = Field(False, description="DELETE of a running job: it stops at its next step")

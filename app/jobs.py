@@ -113,12 +113,14 @@ class JobsClient:
             raise ApiError(422, "unknown_method", f"unknown job method {name!r}; available: {known}")
         return method
 
-    def _params(self, method: JobMethod, text: str | None) -> dict[str, Any]:
+    def _params(self, method: JobMethod, text: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The params as the client set them (what travels: presets, such as igos's
+        preset="cpu", fill the rest in the worker) and the params the job will run with."""
         raw = parse_json_object(text, field="params", max_bytes=self.settings.max_json_bytes,
                                 max_depth=self.settings.max_json_depth)
         try:
-            # Only the fields the client set travel: presets (igos's preset="cpu") fill the rest.
-            return method.params.model_validate(raw).model_dump(mode="json", exclude_unset=True)
+            validated = method.params.model_validate(raw)
+            return validated.model_dump(mode="json", exclude_unset=True), method.params_used(validated)
         except ValidationError as exc:
             details = describe_validation_errors(exc.errors(), "params")
             raise ApiError(422, "invalid_parameter", f"invalid params for {method.name}: {details}") from None
@@ -140,7 +142,7 @@ class JobsClient:
         """Validate and enqueue a job of ``caller``; returns the job's view and whether it is an
         idempotent replay (of one of the caller's own requests)."""
         method = self._method(method_name)
-        params = self._params(method, params_text)
+        params, params_used = self._params(method, params_text)
         classes = self._num_classes(model)
         if target is not None and not 0 <= target < classes:
             raise ApiError(422, "invalid_target", f"target must be a class index in [0, {classes - 1}]")
@@ -161,10 +163,11 @@ class JobsClient:
         self._store()
         decoded = self.service.decode_upload(data, window, frame)
         payload = JobPayload(method=method.name, model=model, target=target, params=params,
-                             callback_url=callback_url or None).model_dump(mode="json", exclude={"study", "intake"})
+                             callback_url=callback_url or None).model_dump(mode="json", exclude={"study", "intake", "params_used"})
         if decoded.windowing is not None or decoded.dicom is not None:  # what the worker's pixels came from
             payload["intake"] = decoded.intake_json()
         fingerprint = hashlib.sha256(data + json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        payload["params_used"] = params_used  # follows from params; shown with the job
         payload["request_id"] = request_id  # traced with the job; not part of what the request asks
         settings = self.settings
         with self._reachable() as store:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -275,7 +277,7 @@ def test_narrow_screen_and_keyboard_only(browser, server: str, artifacts: Path) 
         wait_for_overlay(page, "panel-scorecam")
         overflow = page.evaluate("document.documentElement.scrollWidth") - NARROW
         assert overflow <= 0, f"the page scrolls sideways by {overflow} px on a narrow screen"
-        rights = page.eval_on_selector_all("main *", "nodes => nodes.filter(n => !n.closest('.graph-scroll'))"
+        rights = page.eval_on_selector_all("main *", "nodes => nodes.filter(n => !n.closest('.graph-viewport'))"
                                            ".map(n => n.getBoundingClientRect().right)")
         assert max(rights) <= NARROW, "an element sticks out of the narrow screen"
         page.screenshot(path=str(artifacts / "dashboard-narrow.png"), full_page=True)
@@ -289,7 +291,16 @@ def test_jobs_run_with_live_progress_and_cancel(page, chelsea: Image.Image, arti
     page.wait_for_selector("#more-jobs:not([hidden])")
     page.click("#more-jobs > summary")
 
-    # A long job (the test-only `slow` method): progress rises, then Cancel stops it.
+    # A long job (the test-only `slow` method): progress rises, then Cancel stops it. Its polls
+    # follow the server's Retry-After (raised to 2 s here), not a fixed period.
+    polls: list[float] = []
+
+    def retry_after_2s(route) -> None:
+        response = route.fetch()
+        polls.append(time.monotonic())
+        route.fulfill(response=response, headers={**response.headers, "retry-after": "2"})
+
+    page.route(re.compile(r".*/v1/jobs/[0-9a-f]{32}\?pictures=inline$"), retry_after_2s)
     slow = page.locator("#job-slow")
     slow.locator("summary").click()
     slow.locator("textarea").fill('{"steps": 400, "step_s": 0.05}')
@@ -301,6 +312,11 @@ def test_jobs_run_with_live_progress_and_cancel(page, chelsea: Image.Image, arti
     slow.locator("[data-role=cancel]").click()
     outcome = job_outcome(page, "#job-slow")
     assert outcome.startswith("canceled"), outcome
+    page.unroute(re.compile(r".*/v1/jobs/[0-9a-f]{32}\?pictures=inline$"))
+    gaps = [b - a for a, b in zip(polls[1:], polls[2:])]  # the first poll follows the submission at once
+    assert len(gaps) >= 1 and min(gaps) >= 1.9, f"polls did not wait for Retry-After: {gaps}"
+    used = slow.locator("[data-role=params-used]").text_content()  # as validated, defaults included
+    assert "steps = 400" in used and "step_s = 0.05" in used, used
     assert slow.locator("[data-role=start]").is_enabled()
 
     # A real method finishes and its result is drawn: I-GOS at a tiny size, so that it takes
@@ -324,3 +340,100 @@ def test_jobs_run_with_live_progress_and_cancel(page, chelsea: Image.Image, arti
         assert picture.format == "PNG" and picture.width > 0
     card.scroll_into_view_if_needed()
     page.screenshot(path=str(artifacts / "dashboard-jobs.png"), full_page=True)
+
+
+# Deep methods at a toy size for the comparison (I-GOS++ takes the same parameters); SAG keeps its
+# default parameters, so the graph drawn is the default one.
+QUICK_MASKS = QUICK_IGOS
+RECORD_STATUS_TEXTS = """() => { window.statusTexts = [];
+  new MutationObserver(() => document.querySelectorAll('.job [data-role=status]').forEach(
+    n => window.statusTexts.push(n.closest('.job').dataset.method + ': ' + n.textContent)))
+    .observe(document.getElementById('jobs'), {subtree: true, childList: true, characterData: true}); }"""
+EDGES_REMOVING_MORE_THAN_ONE_PATCH = """svg => [...svg.querySelectorAll('line.edge')].filter(line => {
+  const node = id => svg.querySelector('#p' + line.dataset.panel + '-node-' + id);
+  const patches = n => new Set(n.dataset.patches.split(' ').filter(Boolean).map(Number));
+  const source = patches(node(line.dataset.source)), target = patches(node(line.dataset.target));
+  const removed = Number(line.dataset.removed);
+  return !(source.has(removed) && !target.has(removed) && target.size === source.size - 1
+           && [...target].every(p => source.has(p)));
+}).length"""
+
+
+def test_compare_grid_and_readable_sag_graph(page, coffee: Image.Image, artifacts: Path) -> None:
+    """Every method fills the comparison grid (the deep ones as jobs, with the parameters in their
+    cards); the jobs show their queue position and the parameters they run with; the default SAG
+    graph (the espresso photo has 10 roots, a 100-node graph) is readable: its roots in view without
+    scrolling, zoom and node details work."""
+    upload(page, "coffee.jpg", jpeg_bytes(coffee), "image/jpeg")
+    page.wait_for_selector("#predictions .prediction")
+    page.wait_for_selector("#more-jobs:not([hidden])")  # the job listing has arrived
+    for card in ("#job-igos", "#job-igospp"):
+        page.locator(f"{card} summary").click()
+        page.locator(f"{card} textarea").fill(QUICK_MASKS)
+    page.evaluate(RECORD_STATUS_TEXTS)
+    page.click("#compare-start")
+    page.wait_for_selector("#compare-grid[data-complete=true]", timeout=240_000)
+
+    states = page.eval_on_selector_all("#compare-grid .compare-cell", "cells => Object.fromEntries(cells.map("
+                                       "c => [c.dataset.method, [c.dataset.state, c.innerText]]))")
+    for method in ("gradcam", "scorecam", "gradcam++", "layercam", "igos", "igos++", "sag"):
+        assert states[method][0] == "done", (method, states[method])
+    assert all(state == "done" or "Not for this model" in text for state, text in states.values()), states
+    for method in ("gradcam", "scorecam", "igos", "igos++"):
+        deletion, insertion = map(float, re.search(r"deletion ([\d.]+) · insertion ([\d.]+)", states[method][1]).groups())
+        assert 0 <= deletion <= 1 and 0 <= insertion <= 1, (method, deletion, insertion)
+        if method in ("gradcam", "scorecam"):  # a map on the cup: deleting it first costs more than adding it
+            assert deletion < insertion, (method, deletion, insertion)
+        assert re.search(r"explained in [\d.]+ m?s", states[method][1]), states[method]
+    assert "not a heat map" in states["sag"][1]
+
+    # the job panels: what each job ran with (the card's parameters after the CPU preset), the queue
+    used = page.locator("#job-igos [data-role=params-used]").text_content()
+    assert "Ran with:" in used and 'preset = "cpu"' in used and "iterations = 1" in used and "mask_size = 7" in used
+    assert "iterations = 20" not in used
+    texts = page.evaluate("window.statusTexts")
+    assert any(re.search(r"Queued.*(next in the queue|\d+ jobs? ahead)", t) for t in texts), texts[:20]
+
+    # the SAG graph at its default parameters: bounded, one panel per root, edges remove one patch
+    svg = page.locator("#job-sag svg.sag-svg")
+    width, height = (float(svg.get_attribute(name)) for name in ("data-width", "data-height"))
+    assert width <= 2400 and height <= 2400, (width, height)
+    panels = svg.locator("g.sag-panel").count()
+    roots = svg.locator("g.node.root")
+    assert 1 <= panels == roots.count() <= 3  # the graph's roots share at most one patch: often fewer than 3
+    assert svg.evaluate(EDGES_REMOVING_MORE_THAN_ONE_PATCH) == 0
+    assert svg.locator("line.edge").count() > 0
+    folded = svg.evaluate("svg => [...svg.querySelectorAll('g.more')].map(g => Number(g.dataset.folded))")
+    assert all(n > 0 for n in folded)
+    viewport = page.locator("#job-sag [data-role=graph-viewport]")
+    viewport.scroll_into_view_if_needed()
+    page.evaluate("() => document.querySelector('#job-sag [data-role=graph-viewport]').scrollIntoView({block: 'start'})")
+    inside = svg.evaluate("""svg => { const view = svg.closest('.graph-viewport').getBoundingClientRect();
+      return [...svg.querySelectorAll('g.node.root')].map(n => { const r = n.getBoundingClientRect();
+        return r.width > 20 && r.left >= Math.max(view.left, 0) - 1 && r.right <= Math.min(view.right, innerWidth) + 1
+               && r.top >= Math.max(view.top, 0) - 1 && r.bottom <= Math.min(view.bottom, innerHeight) + 1; }); }""")
+    assert inside and all(inside), f"a root is outside the visible area: {inside}"
+    page.screenshot(path=str(artifacts / "dashboard-sag.png"))
+
+    first_root = roots.first
+    before = first_root.bounding_box()["width"]
+    page.click("#job-sag [data-role=zoom-in]")
+    page.click("#job-sag [data-role=zoom-in]")
+    assert first_root.bounding_box()["width"] > 1.8 * before
+    assert float(svg.get_attribute("data-zoom")) > 1.9
+    page.click("#job-sag [data-role=fit]")
+    assert abs(first_root.bounding_box()["width"] - before) < 1
+
+    child = svg.locator("g.node:not(.root)").first
+    child.click()
+    detail = page.locator("#job-sag [data-role=node-detail]")
+    detail.wait_for(state="visible")
+    assert f"p = {float(child.get_attribute('data-score')):.3f}" in detail.locator("[data-role=node-score]").text_content()
+    assert detail.locator("canvas").evaluate("c => c.width") >= 300
+
+    with page.expect_download() as download_info:
+        page.click("#compare-download")
+    with Image.open(download_info.value.path()) as figure:
+        assert figure.format == "PNG" and figure.width >= 5 * 240
+    page.locator("#compare").scroll_into_view_if_needed()
+    page.screenshot(path=str(artifacts / "dashboard-compare.png"), full_page=True)

@@ -81,7 +81,8 @@ def test_gradcam_job_succeeds_with_the_sync_answer(stack: Stack, small_cat: byte
     assert 0 < connection.ttl(job_key(job_id)) <= RESULT_TTL_S
     payload = json.loads(connection.hget(job_key(job_id), "payload"))  # data, not a callable or a pickle
     assert payload["method"] == "gradcam" and set(payload) == {"method", "model", "target", "params", "callback_url",
-                                                                     "request_id"}
+                                                                     "request_id", "params_used"}
+    assert payload["params"] == {} and payload["params_used"] == {"layer": None, "top_k": 5}
 
 
 def test_progress_rises_through_queued_running_succeeded(stack: Stack, small_cat: bytes) -> None:
@@ -357,7 +358,11 @@ def test_igos_cpu_preset_reaches_the_worker_and_cancel_stops_it(stack: Stack, sm
     """Only the fields a client set travel, so the preset fills the rest (8 iterations, not the
     reference's 15); a cancel stops the optimisation between iterations."""
     with httpx.Client(base_url=stack.url, timeout=30) as client:
-        job_id = submitted(client, small_cat, "igos", params=json.dumps({"preset": "cpu"}))
+        job_id = submitted(client, small_cat, "igos", params=json.dumps({"preset": "cpu", "steps": 3}))
+        # the job shows what it runs with from the start: the preset's values, then what the client set
+        shown = client.get(f"/v1/jobs/{job_id}").json()["params"]
+        assert shown["preset"] == "cpu" and shown["iterations"] == 8 and shown["steps"] == 3, shown
+        assert shown["warm_start"] is True and shown["metric_steps"] == 50, shown
         view = wait_for(client, job_id, {"running", *TERMINAL}, timeout=120)
         deadline = time.monotonic() + 120
         while not (view.get("stage") or "").startswith("iteration") and view["status"] == "running":
@@ -446,7 +451,8 @@ def test_every_job_answer_has_a_test(stack: Stack, small_cat: bytes) -> None:
         assert busy.status_code == 422  # another request's fingerprint
         from workers.payload import JobPayload
         import hashlib
-        payload = JobPayload(method="gradcam", model="efficientnet_lite0").model_dump(mode="json", exclude={"study", "intake"})
+        payload = JobPayload(method="gradcam", model="efficientnet_lite0").model_dump(
+            mode="json", exclude={"study", "intake", "params_used"})
         fingerprint = hashlib.sha256(small_cat + json.dumps(payload, sort_keys=True).encode()).hexdigest()
         stack.redis().set(idempotency_key(ANONYMOUS, "in-flight"), json.dumps({"job_id": "0" * 32, "fingerprint": fingerprint}),
                           ex=3600)

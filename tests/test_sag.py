@@ -25,7 +25,7 @@ from explainers.errors import ExplainError
 from explainers.execution import Execution, ExecutionPolicy, PatchScorer
 from explainers.patches import key_of, patches_of
 from explainers.sag import SAG, SAGConfig, SAGResult, pool_to_patches, select_roots
-from explainers.sag_render import render_svg, roots_overlay
+from explainers.sag_render import panel_layout, render_svg, roots_overlay
 from workers.methods import JobCanceled, get_method
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -278,25 +278,33 @@ def test_real_graph_scores_equal_direct_evaluation(default_model, cat_result):
     assert len(result.nodes) <= REAL.max_nodes
 
 
-def test_svg_has_one_element_per_node_and_edge(default_model, chelsea, cat_result):
+def test_svg_draws_each_roots_panel(default_model, chelsea, cat_result):
     inputs, result = cat_result
     svg = render_svg(result, chelsea, (0, 0, chelsea.width, chelsea.height), tuple(inputs.shape[-2:]),
                      default_model.labels)
     root = ET.fromstring(svg)
     nodes = [g for g in root.iter(f"{SVG}g") if "node" in g.get("class", "").split()]
-    assert len(nodes) == len(result.nodes)
-    assert {g.get("id") for g in nodes} == {f"node-{n.id}" for n in result.nodes}
-    assert len([e for e in root.iter(f"{SVG}line") if e.get("class") == "edge"]) == len(result.edges)
-    widths = {(int(e.get("data-source")), int(e.get("data-target"))): float(e.get("stroke-width"))
-              for e in root.iter(f"{SVG}line")}
-    biggest = max(result.edges, key=lambda e: e.drop)
-    smallest = min(result.edges, key=lambda e: e.drop)
+    panels = panel_layout(result)
+    expected = {f"p{i}-node-{n}" for i, panel in enumerate(panels) for row in panel.rows for n in row}
+    assert [g.get("id") for g in nodes if "root" in g.get("class").split()] == [
+        f"p{i}-node-{n.id}" for i, n in enumerate(result.graph_roots)]
+    assert {g.get("id") for g in nodes} == expected and len(nodes) == len(expected)
+    known = {n.id for n in result.nodes}
+    assert all(int(g.get("data-node")) in known for g in nodes)
+    lines = [e for e in root.iter(f"{SVG}line") if e.get("class") == "edge"]
+    assert len(lines) == sum(len(panel.edges) for panel in panels)
+    widths = {(int(e.get("data-source")), int(e.get("data-target"))): float(e.get("stroke-width")) for e in lines}
+    drawn = [e for panel in panels for e in panel.edges]
+    biggest = max(drawn, key=lambda e: e.drop)
+    smallest = min(drawn, key=lambda e: e.drop)
+    assert biggest.drop > max(smallest.drop, 0) + 0.01 * result.full_score  # so the widths must differ
     assert widths[(biggest.source, biggest.target)] > widths[(smallest.source, smallest.target)]
     # a thumbnail shows only its node's patches: a root's hidden area is black, its patches are not
     first = nodes[0]
     href = first.find(f"{SVG}image").get("href")
     thumb = Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1]))).convert("L")
-    node = result.nodes[0]
+    node = result.graph_roots[0]
+    assert first.get("data-node") == str(node.id)
     hidden = [p for p in range(16) if p not in node.patches]
     w, h = thumb.size
     for p, expect_dark in [(node.patches[0], False)] + ([(hidden[0], True)] if hidden else []):

@@ -393,6 +393,8 @@ def job_view(fields: dict[str, str], position: int | None = None, *, with_result
         "started_at": iso(fields.get("started_at")) if status != "queued" else None,
         "ended_at": iso(fields.get("ended_at")) if status in TERMINAL else None,
     }
+    if isinstance(payload.get("params_used"), dict):
+        view["params"] = payload["params_used"]
     if isinstance(payload.get("intake"), dict):
         view["intake"] = payload["intake"]
     if status == "queued" and position is not None:

@@ -53,6 +53,12 @@ def mask_config(method: type[Method], params: JobParams) -> IGOSConfig:
     return method.Config(**params.chosen(method))
 
 
+def mask_params_used(method: type[Method], params: JobParams) -> dict[str, Any]:
+    """The preset and metric_* fields as asked, then every optimisation parameter as the job uses it."""
+    config = mask_config(method, params)
+    return {**params.model_dump(mode="json", exclude=set(type(config).model_fields)), **config.model_dump(mode="json")}
+
+
 def run_mask_job(method: type[Method], model: Any, image: Any, target: int | None, params: JobParams,
                  report: ProgressReporter, settings: Any) -> dict[str, Any]:
     """Optimise, score and render one image; ``report`` may raise ``JobCanceled`` per iteration."""
@@ -88,8 +94,7 @@ def run_mask_job(method: type[Method], model: Any, image: Any, target: int | Non
         "mask": {"size": list(mask.shape), "grid": [[round(v, 4) for v in row] for row in mask.cpu().tolist()],
                  "meaning": "optimised mask in [0, 1]; low = salient (heatmap.grid = normalised 1 - mask)"},
         "metrics": faithfulness.as_json(0, curves=True),
-        # the preset and metric_* fields as asked, then every optimisation parameter as used
-        "params": {**params.model_dump(exclude=set(type(config).model_fields)), **config.model_dump()},
+        "params": mask_params_used(method, params),
         "precision": explanation.details["precision"],
         "forward_runtime": explanation.details["forward_runtime"],
         "images_evaluated": explanation.details["images_evaluated"],
@@ -102,4 +107,4 @@ def run_mask_job(method: type[Method], model: Any, image: Any, target: int | Non
     }
 
 
-MASK_JOBS = JobKind(MaskJobOptions, run_mask_job, timeout_s=1800)
+MASK_JOBS = JobKind(MaskJobOptions, run_mask_job, timeout_s=1800, describe=mask_params_used)

@@ -1,9 +1,11 @@
 """Structured Attention Graphs as a queued job: ``sag``.
 
-The result holds every root found (minimal sufficient patch sets), the graph (nodes keyed by
-patch set, edges removing one patch), the scores, an SVG of the graph, a PNG of the graph's
-roots over the image (``picture_png``, served as ``result.png``), the parameters used, the
-patch ordering used, the forward-pass counts and the timing.
+The result holds every root found (minimal sufficient patch sets), the whole graph (nodes keyed
+by patch set, edges removing one patch), the scores, an SVG of the graph (one panel per graph
+root, a few children per level: ``graph_children`` and ``graph_levels`` bound its size), a PNG
+of the graph's roots over the image (``picture_png``, served as ``result.png``), the region of
+the image the model saw (``region``), the parameters used, the patch ordering used, the
+forward-pass counts and the timing.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ class GraphJobOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     top_k: int = Field(5, ge=1, le=100, description="how many predictions to return")
+    graph_children: int = Field(3, ge=1, le=10, description="children drawn per level of each root's panel "
+                                "(largest drops first; the rest folded into '+ N more')")
+    graph_levels: int = Field(3, ge=1, le=12, description="levels drawn below each root")
 
 
 def result_json(result: SAGResult) -> dict[str, Any]:
@@ -72,7 +77,8 @@ def run_graph_job(method: type[Method], model: Any, image: Any, target: int | No
     explained = time.perf_counter()
     report(0.9, "drawing")
     input_size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
-    svg = render_svg(result, image, geometry.box, input_size, model.labels)
+    svg = render_svg(result, image, geometry.box, input_size, model.labels, children=params.graph_children,
+                     levels=params.graph_levels)
     overlay = roots_overlay(result, image, geometry.box, input_size, settings.overlay_max_side)
     pictures = root_pictures(result, image, geometry.box, input_size, ROOT_PICTURE_SIDE)
     finished = time.perf_counter()
@@ -92,6 +98,8 @@ def run_graph_job(method: type[Method], model: Any, image: Any, target: int | No
         **body,
         "svg": svg,
         "picture_png": base64.b64encode(overlay).decode("ascii"),
+        # the part of the uploaded image the model saw (image pixels) and the model input's size
+        "region": {"box": [round(float(v), 2) for v in geometry.box], "input": [input_size[0], input_size[1]]},
         "params": params.model_dump(),
         "timing_ms": timing,
     }

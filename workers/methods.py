@@ -47,6 +47,13 @@ class JobMethod:
     run: RunJob
     timeout_s: int = 600
     description: str = ""
+    # (validated params) -> the parameters the job runs with (defaults and presets applied);
+    # None: the validated params with their defaults
+    describe: Callable[[BaseModel], dict[str, Any]] | None = None
+
+    def params_used(self, params: BaseModel) -> dict[str, Any]:
+        """What a job of these validated ``params`` runs with, shown with the job from submission."""
+        return self.describe(params) if self.describe else params.model_dump(mode="json")
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,8 @@ class JobKind:
     options: type[BaseModel]
     run: Callable[..., dict[str, Any]]
     timeout_s: int
+    # (method class, validated params) -> the parameters as run; None: the params with defaults
+    describe: Callable[[type[Method], BaseModel], dict[str, Any]] | None = None
 
 
 class JobParams(BaseModel):
@@ -100,7 +109,8 @@ def job_method(method: type[Method], kind: JobKind) -> JobMethod:
             settings: Any) -> dict[str, Any]:
         return kind.run(method, model, image, target, job_params, report, settings)
 
-    return JobMethod(method.name, params, run, timeout, method.description)
+    describe = (lambda job_params: kind.describe(method, job_params)) if kind.describe else None
+    return JobMethod(method.name, params, run, timeout, method.description, describe)
 
 
 def _builtin() -> dict[str, JobMethod]:

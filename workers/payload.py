@@ -28,6 +28,8 @@ class JobPayload(BaseModel):
     model: str
     target: int | None = Field(None, ge=0)
     params: dict[str, Any] = Field(default_factory=dict)
+    params_used: dict[str, Any] | None = Field(None, description="what the job runs with (the method's defaults "
+                                               "and preset, overridden by params), shown with the job")
     callback_url: str | None = None
     request_id: str | None = Field(None, pattern=REQUEST_ID_PATTERN,
                                    description="the submitting request's X-Request-ID, carried into the worker's logs")

@@ -228,9 +228,14 @@ export function getJobMethods(signal) {
   return requestJson("/v1/jobs/methods", { signal });
 }
 
-export function getJob(id, signal) {
-  // pictures=inline: the few large pictures a result keeps beside it come back in this one answer
-  return requestJson(`/v1/jobs/${encodeURIComponent(id)}?pictures=inline`, { signal });
+/** GET /v1/jobs/{id} with its pictures inline (the few large pictures a result keeps beside it
+ * come back in this one answer), and the server's Retry-After (seconds; null when absent), which
+ * says when to ask again while the job is queued or running. */
+export async function getJob(id, signal) {
+  const response = await apiFetch(`/v1/jobs/${encodeURIComponent(id)}?pictures=inline`,
+    { signal, headers: { Accept: "application/json" } });
+  const retryAfter = Number.parseFloat(response.headers.get("Retry-After") ?? "");
+  return { job: await response.json(), retryAfter: Number.isFinite(retryAfter) && retryAfter >= 0 ? retryAfter : null };
 }
 
 export function cancelJob(id) {

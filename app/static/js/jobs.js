@@ -1,11 +1,13 @@
 // Queued explanations (I-GOS, I-GOS++, SAG): one card per method that submits a job, polls
-// GET /v1/jobs/{id} for live progress, cancels with DELETE and draws the result.
+// GET /v1/jobs/{id} for live progress (as often as its Retry-After says), shows the queue
+// position and the parameters the job runs with, cancels with DELETE and draws the result.
 
 import { ApiError, cancelJob, getBlob, getJob, heldKey, jobPictureUrl, submitJob } from "./api.js";
 import {
   UrlBag, base64ToBlob, downloadLink, el, jsonBlob, percent, pngDataUrl, role, seconds, show, showError, stem,
 } from "./dom.js";
-import { curvesFigure, highlightRoots, rootPatches, rootScore, safeSvg } from "./results.js";
+import { graphViewer } from "./graph_view.js";
+import { curvesFigure, rootPatches, rootScore, safeSvg } from "./results.js";
 
 // Parameter presets: "Paper settings" sends nothing (the server's defaults); the others trade
 // fidelity for speed on a CPU-only machine. The API rejects unknown names with a 422.
@@ -69,7 +71,7 @@ export function extraMethodSpec(info) {
   };
 }
 
-/** "name (default)" for each parameter of a JSON schema, for the hint under the editor. */
+/** "name = default" for each parameter of a JSON schema, for the hint under the editor. */
 function describeParams(schema) {
   const properties = schema?.properties ?? {};
   return Object.entries(properties).map(([name, p]) => {
@@ -79,7 +81,8 @@ function describeParams(schema) {
 }
 
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
-const POLL_MS = 600;
+const POLL_MS = 1000; // when the server sends no Retry-After
+const MIN_POLL_MS = 250;
 const MAX_POLL_FAILURES = 8;
 
 function jobErrorText(error) {
@@ -127,6 +130,8 @@ export class JobCard {
     this.params.id = paramsId;
     role(this.node, "params-label").setAttribute("for", paramsId);
     this.paramsHint = role(this.node, "params-hint");
+    this.paramsUsed = role(this.node, "params-used");
+    this.listeners = new Set();
     this.params.setAttribute("aria-describedby", `${paramsId}-hint`);
     this.paramsHint.id = `${paramsId}-hint`;
     this.renderPresets(role(this.node, "presets"));
@@ -155,7 +160,7 @@ export class JobCard {
       return;
     }
     const names = describeParams(info.params);
-    this.paramsHint.textContent = names ? `Accepted: ${names}.` : "This method takes no parameters.";
+    this.paramsHint.textContent = names ? `Parameters and their defaults: ${names}.` : "This method takes no parameters.";
     if (info.timeout_s) this.paramsHint.textContent += ` Time limit ${info.timeout_s} s.`;
   }
 
@@ -172,6 +177,11 @@ export class JobCard {
       throw new Error("The parameters must be a JSON object, like {\"iterations\": 10}.");
     }
     return value;
+  }
+
+  /** Call LISTENER(job) whenever this card's job changes (submitted, polled, ended). */
+  onChange(listener) {
+    this.listeners.add(listener);
   }
 
   setRunning(running) {
@@ -220,6 +230,19 @@ export class JobCard {
     this.schedulePoll(0);
   }
 
+  /** The parameters the job runs with (the server's view: defaults and preset applied; a result
+   * lists them as used), else none yet. */
+  showParamsUsed(job) {
+    const used = job.result?.params ?? job.params;
+    if (!used || typeof used !== "object" || !Object.keys(used).length) {
+      show(this.paramsUsed, false);
+      return;
+    }
+    const text = Object.entries(used).map(([name, value]) => `${name} = ${JSON.stringify(value)}`).join(", ");
+    this.paramsUsed.textContent = `${job.result?.params ? "Ran" : "Runs"} with: ${text}.`;
+    show(this.paramsUsed, true);
+  }
+
   async cancel() {
     if (!this.job?.id) return;
     this.cancelRequested = true;
@@ -248,8 +271,9 @@ export class JobCard {
     const id = this.job?.id;
     if (!id) return;
     let job;
+    let retryAfter;
     try {
-      job = await getJob(id);
+      ({ job, retryAfter } = await getJob(id));
     } catch (error) {
       if (this.job?.id !== id) return; // a newer job replaced it meanwhile
       const transient = error instanceof ApiError && (error.status === 0 || error.status === 503);
@@ -266,11 +290,12 @@ export class JobCard {
     this.failures = 0;
     showError(this.error, null);
     this.render(job);
-    if (!TERMINAL.has(job.status)) this.schedulePoll();
+    if (!TERMINAL.has(job.status)) this.schedulePoll(retryAfter === null ? POLL_MS : Math.max(MIN_POLL_MS, 1000 * retryAfter));
   }
 
   fail(error) {
     this.stopPolling();
+    for (const listener of this.listeners) listener({ ...(this.job ?? {}), status: "failed", error });
     this.setRunning(false);
     this.progress.value = 0;
     this.status.textContent = "Not running";
@@ -287,14 +312,20 @@ export class JobCard {
     else if (status === "queued") this.progress.removeAttribute("value");
     const elapsed = seconds(performance.now() - this.started);
     const stage = job.stage && job.stage !== status && job.stage !== "done" ? ` · ${job.stage}` : "";
+    const position = this.job.queue_position;
+    const waiting = typeof position === "number"
+      ? (position === 0 ? "next in the queue" : `${position} job${position === 1 ? "" : "s"} ahead in the queue`)
+      : "waiting for a worker";
     const text = {
-      queued: `Queued${stage} · waiting for a worker`,
+      queued: `Queued${stage} · ${waiting}`,
       running: `Running${stage} · ${percent(fraction ?? 0, 0)} · ${elapsed}`,
       succeeded: `Finished in ${elapsed}`,
       failed: "Failed",
       canceled: "Canceled",
     }[status] ?? status;
     this.node.dataset.status = status;
+    this.showParamsUsed(this.job);
+    for (const listener of this.listeners) listener(this.job);
     if (!TERMINAL.has(status)) {
       this.status.textContent = this.cancelRequested ? `${text} · cancelling…` : text;
       this.setRunning(true);
@@ -311,6 +342,7 @@ export class JobCard {
 
   clearResult() {
     this.urls.clear();
+    show(this.paramsUsed, false);
     this.result.replaceChildren();
     this.downloads.replaceChildren();
     show(this.result, false);
@@ -393,21 +425,12 @@ export class JobCard {
       result.truncated ? "graph truncated at its node limit" : null,
     ].filter(Boolean).join(" · ");
     if (graph) {
-      graph.classList.add("sag-svg");
-      graph.setAttribute("role", "img");
-      graph.setAttribute("aria-label", `Structured attention graph for ${caption}`);
-      highlightRoots(graph, roots);
-      const scroller = el("div", { class: "graph-scroll", tabindex: "0", role: "region",
-        "aria-label": "Structured attention graph (scrolls when wider than the page)" }, graph);
-      const fit = el("button", { type: "button", class: "chip", "aria-pressed": "false" }, "Fit to width");
-      fit.addEventListener("click", () => {
-        const on = scroller.classList.toggle("is-fit");
-        fit.setAttribute("aria-pressed", String(on));
-      });
-      parts.push(el("div", { class: "graph-toolbar" },
-        el("p", { class: "hint" }, `Graph for ${caption}${counts ? ` · ${counts}` : ""}. Roots are framed in colour.`),
-        fit));
-      parts.push(scroller);
+      const folded = [...graph.querySelectorAll("g.more")].reduce((n, g) => n + Number(g.dataset.folded || 0), 0);
+      const drawn = graph.querySelectorAll("g.node").length;
+      parts.push(el("p", { class: "hint" }, `Graph for ${caption}${counts ? ` · ${counts}` : ""}. One panel per root, `
+        + `${drawn} nodes drawn${folded ? `, ${folded} more folded` : ""}: below each root, the removals that `
+        + "lower the score most; the removed patch is outlined on the child. The full graph is in the result JSON."));
+      parts.push(graphViewer(graph, result, this.urls.add(this.input.file), caption));
       links.push(downloadLink(this.urls.add(new Blob([result.svg], { type: "image/svg+xml" })), `${name}.svg`, "Graph SVG"));
     } else {
       parts.push(el("p", { class: "muted" }, "This result carries no graph drawing."));
@@ -452,7 +475,6 @@ export class JobCard {
       const on = button.getAttribute("aria-pressed") !== "true";
       button.setAttribute("aria-pressed", String(on));
       for (const node of nodes) node.classList.toggle("is-focus", on);
-      if (on) nodes[0].scrollIntoView({ block: "nearest", inline: "center", behavior: "smooth" });
     });
     return el("li", {}, button);
   }

@@ -1,5 +1,6 @@
 // The dashboard's entry module: image intake, model choice, predictions, the Grad-CAM and
-// Score-CAM panels, a panel for the server's other synchronous methods and the job cards.
+// Score-CAM panels, a panel for the server's other synchronous methods, the job cards and the
+// "Compare methods" grid.
 // Every number shown comes from the public API.
 
 import { ApiError, explain, getJobMethods, getModels, getReady, getSynchronousMethods, predict } from "./api.js";
@@ -8,6 +9,7 @@ import {
   UrlBag, base64ToBlob, downloadLink, el, jsonBlob, percent, pngDataUrl, role, seconds, show, showError, stem,
 } from "./dom.js";
 import { JOB_METHODS, JobCard, METHOD_TITLES, extraMethodSpec } from "./jobs.js";
+import { CompareGrid } from "./compare.js";
 import { mountStudyList } from "./studies.js";
 
 const TOP_K = 5;
@@ -23,6 +25,7 @@ const state = {
   target: null, // the class index explained (null before the first prediction)
   generation: 0, // bumps on every new request set; stale answers are dropped
   controller: null, // aborts the requests of the previous generation
+  compare: null, // the "Compare methods" grid, once the job cards exist
 };
 
 const panels = [...document.querySelectorAll(".panel[data-method]")].map((node) => ({
@@ -115,6 +118,7 @@ function setImage(file) {
   show(img, true);
   show($("original-empty"), false);
   $("original-caption").textContent = `${file.name || "pasted image"} · ${(file.size / 1024).toFixed(0)} KB`;
+  state.compare?.reset();
   analyse();
 }
 
@@ -250,6 +254,7 @@ function chooseTarget(index) {
   if (index === state.target) return;
   state.target = index;
   markTarget();
+  state.compare?.reset();
   explainAll();
 }
 
@@ -425,6 +430,7 @@ async function mountJobs() {
     ? { file: state.file, model: state.model, target: state.target, targetLabel: targetLabel() } : null);
   const cards = JOB_METHODS.map((spec) => new JobCard(spec, template, getInput));
   $("jobs").append(...cards.map((card) => card.node));
+  state.compare = new CompareGrid(getInput, cards);
   let methods;
   try {
     ({ methods } = await jobMethodList());

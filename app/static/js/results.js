@@ -120,21 +120,3 @@ export function rootPatches(root) {
 export function rootScore(root) {
   return firstNumber(root?.score, root?.probability, root?.confidence, root?.relative_score);
 }
-
-/** Mark the SVG's root nodes (by node id / data attribute / class) so CSS can highlight them. */
-export function highlightRoots(svgElement, roots) {
-  const keys = new Set(roots.map((r) => [...rootPatches(r)].map(Number).sort((a, b) => a - b).join(",")));
-  let marked = 0;
-  for (const node of svgElement.querySelectorAll("[data-patches], [data-root], .root, .sag-root")) {
-    const patches = node.getAttribute("data-patches");
-    const normalised = patches === null ? null
-      : patches.split(/[\s,;-]+/).filter(Boolean).map(Number).sort((a, b) => a - b).join(",");
-    const isRoot = node.hasAttribute("data-root") || node.classList.contains("root")
-      || node.classList.contains("sag-root") || (normalised !== null && keys.has(normalised));
-    if (isRoot) {
-      node.classList.add("is-root");
-      marked += 1;
-    }
-  }
-  return marked;
-}
