@@ -48,14 +48,14 @@ class Cell {
 
   /** A result: PNG (base64) shown over the image (or instead of it when WHOLE), its lines;
    * TIMING is the result's timing_ms: the explanation's own time is shown, not the scoring's. */
-  done(png, whole, aucs, timing, label) {
+  done(png, whole, aucs, timing, label, note = "") {
     const timeMs = timing?.explain ?? timing?.optimise ?? timing?.total;
     this.overlay.src = pngDataUrl(png);
     this.overlay.alt = `${this.title} for ${label}`;
     this.overlay.classList.toggle("is-whole", whole);
     show(this.overlay, true);
     this.aucs.textContent = aucs;
-    this.time.textContent = typeof timeMs === "number" ? `explained in ${seconds(timeMs)}` : "";
+    this.time.textContent = typeof timeMs === "number" ? `explained in ${seconds(timeMs)}${note}` : note.trim();
     this.node.dataset.state = "done";
   }
 
@@ -154,7 +154,9 @@ export class CompareGrid {
       const result = await explain({ image: this.input.file, method, model: this.input.model, target: this.input.target,
         topK: 1, extra: { metrics: "true" } });
       if (run !== this.run) return;
-      cell.done(result.heatmap.overlay_png, false, aucText(result.metrics) ?? "", result.timing_ms, this.label);
+      const mode = result.details?.mode ? ` (${result.details.mode}${result.details.channels
+        ? `, ${result.details.channels} channels` : ""})` : ""; // Score-CAM: exact, or fast on N channels
+      cell.done(result.heatmap.overlay_png, false, aucText(result.metrics) ?? "", result.timing_ms, this.label, mode);
     } catch (error) {
       if (run !== this.run) return;
       const unsupported = error instanceof ApiError && error.status === 422;
