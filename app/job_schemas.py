@@ -146,6 +146,13 @@ class PatchEdges(BaseModel):
     y: list[int]
 
 
+class SagRegion(BaseModel):
+    box: list[float] = Field(min_length=4, max_length=4, description="left, top, right, bottom of the part of the "
+                             "uploaded image the model saw, in image pixels")
+    input: list[int] = Field(min_length=2, max_length=2, description="the model input's height and width, in which "
+                             "patch_edges are given")
+
+
 class SagJobResult(_ResultBase):
     """A Structured Attention Graph job: roots, graph, drawings."""
 
@@ -167,7 +174,9 @@ class SagJobResult(_ResultBase):
     forward_passes: dict[str, int]
     incremental: dict[str, Any] | None
     runtime: str
-    svg: Svg
+    region: SagRegion | None = Field(None, description="where the patches lie on the upload (to draw a node large)")
+    svg: Svg = Field(description="the graph drawn as the SAG paper does: one panel per graph root, the largest "
+                     "drops level by level (graph_children, graph_levels), the rest folded into '+ N more'")
     picture_png: Png = Field(description="the graph's roots over the image (served as result.png)")
 
 
