@@ -187,18 +187,25 @@ class StudiesClient:
             ttl = self.settings.job_image_ttl_s + self.settings.job_result_ttl_s + max(
                 (item.timeout_s for item in items), default=0)
             fields = store.create(study_id, caller.owner, record, blobs, masks, items, ttl_s=ttl,
-                                  result_ttl_s=self.settings.job_result_ttl_s)
+                                  result_ttl_s=self.settings.job_result_ttl_s,
+                                  max_active=self.settings.max_active_studies_per_key)
+            if fields is None:  # another study of this owner was admitted meanwhile
+                raise self._quota_exceeded()
         logger.info("study %s: %d images, %d items (%d cached, %d failed at intake)", study_id, len(blobs), total,
                     int(fields["cached"]), int(fields["n_failed"]))
         return {**study_view(fields), "links": _links(study_id)}
 
     def _check_quota(self, store: StudyStore, caller: Principal) -> None:
-        """At most ``max_active_studies_per_key`` studies of one owner running at once (429 beyond)."""
+        """At most ``max_active_studies_per_key`` studies of one owner running at once (429 beyond):
+        checked before the images are decoded, and again, atomically, when the study is written."""
         limit = self.settings.max_active_studies_per_key
-        if limit and sum(f.get("status") in ("running", "canceling") for f in store.owned(caller.owner, 50)) >= limit:
-            raise ApiError(429, "quota_exceeded", f"this client already has {limit} studies running "
-                           "(UNBOX_MAX_ACTIVE_STUDIES_PER_KEY); wait for one to end or cancel it",
-                           {"Retry-After": "30"})
+        if limit and store.active(caller.owner) >= limit:
+            raise self._quota_exceeded()
+
+    def _quota_exceeded(self) -> ApiError:
+        return ApiError(429, "quota_exceeded", f"this client already has {self.settings.max_active_studies_per_key} "
+                        "studies running (UNBOX_MAX_ACTIVE_STUDIES_PER_KEY); wait for one to end or cancel it",
+                        {"Retry-After": "30"})
 
     def _intake(self, files: dict[str, bytes], rows: list[ManifestRow], window: WindowRequest) -> dict[str, "_Intake"]:
         """Each distinct image decoded once: its stored blob and pixel digest, or why it is unreadable."""

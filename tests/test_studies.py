@@ -28,8 +28,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from tests.queue_support import Stack, running_stack, wait_for
-from workers.jobqueue import job_key
-from workers.study_store import item_id
+from workers.jobqueue import job_key, queue_key
+from workers.study_store import item_id, study_queue
 
 MODELS = ["efficientnet_lite0", "efficientnet_lite1"]
 ESPRESSO, EGYPTIAN_CAT = 967, 285
@@ -259,6 +259,9 @@ def test_cancel_midway_stops_the_rest(stack: Stack, main_study: dict[str, Any], 
     wait_study(client, study_id, until=lambda view: view["progress"]["done"] >= 1)
     canceled = client.delete(f"/v1/studies/{study_id}")
     assert canceled.status_code == 200, canceled.text
+    # the canceled items left the queue list with the cancel: its length counts waiting items only
+    waiting = stack.redis().lrange(queue_key(study_queue("unbox")), 0, -1)
+    assert not [i for i in waiting if i.decode().startswith(f"{study_id}-")], waiting
     at_cancel = canceled.json()["progress"]
     assert canceled.json()["status"] in ("canceling", "canceled")
     view = wait_study(client, study_id, timeout=60)

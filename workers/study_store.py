@@ -29,6 +29,7 @@ from workers.study_spec import STUDY_ITEM_VERSION
 
 STUDY_STATUSES = ("running", "canceling", "succeeded", "canceled")
 MAX_WAKES = 64  # wake tokens pushed per study (one per idle worker is enough)
+CREATE_ATTEMPTS = 5  # optimistic transactions tried when the owner's index changes under one
 
 
 def study_queue(queue_name: str) -> str:
@@ -103,10 +104,32 @@ class StudyStore:
     def queued_items(self) -> int:
         return int(self.redis.llen(queue_key(self.queue_name)))
 
+    def active(self, owner: str, scan: int = 50) -> int:
+        """How many of the owner's studies (the newest ``scan``) are running or canceling."""
+        return sum(f.get("status") in ("running", "canceling") for f in self.owned(owner, scan))
+
     def create(self, study_id: str, owner: str, record: dict[str, str], images: list[bytes], masks: dict[int, bytes],
-               items: list[NewItem], *, ttl_s: int, result_ttl_s: int) -> dict[str, str]:
+               items: list[NewItem], *, ttl_s: int, result_ttl_s: int, max_active: int = 0) -> dict[str, str] | None:
         """Write the study, its images and every item in one transaction, and queue the items
-        that must run; returns the stored study fields."""
+        that must run; returns the stored study fields, or None when the owner already has
+        ``max_active`` studies running (0: no limit). The count and the write are one optimistic
+        transaction on the owner's index, so two submissions at once cannot both pass the limit."""
+        index = owner_studies_key(owner)
+        for _ in range(CREATE_ATTEMPTS):
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(index)
+                    if max_active and self.active(owner) >= max_active:
+                        return None
+                    return self._write(pipe, study_id, owner, record, images, masks, items, ttl_s, result_ttl_s)
+                except redis.WatchError:
+                    continue  # another study of this owner was written meanwhile: count again
+        raise redis.ConnectionError("the owner's study index kept changing; retry")
+
+    def _write(self, pipe: "redis.client.Pipeline", study_id: str, owner: str, record: dict[str, str],
+               images: list[bytes], masks: dict[int, bytes], items: list[NewItem], ttl_s: int,
+               result_ttl_s: int) -> dict[str, str]:
+        """The study's writes, queued on the watched ``pipe`` and executed as one transaction."""
         seconds, micros = self.redis.time()
         now = f"{seconds + micros / 1e6:.6f}"
         done = [item for item in items if item.result is not None or item.error is not None]
@@ -118,39 +141,39 @@ class StudyStore:
         if len(done) == len(items):
             fields.update(status="succeeded", ended_at=now)
         queue = queue_key(self.queue_name)
-        with self.redis.pipeline(transaction=True) as pipe:
-            key = study_key(study_id)
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, ttl_s)
-            for index, data in enumerate(images):
-                pipe.set(study_image_key(study_id, index), data, ex=ttl_s)
-            for index, data in masks.items():
-                pipe.set(study_mask_key(study_id, index), data, ex=ttl_s)
-            queued = []
-            for item in items:
-                job_id = item_id(study_id, item.index)
-                job = {"id": job_id, "queue": self.queue_name, "owner": owner, "study": study_id,
-                       "created_at": now, "attempts": 0, "lost": 0, "token": 0, "result_ttl": result_ttl_s,
-                       "max_lost": self.max_losses, "timeout_s": item.timeout_s,
-                       "payload": _json(item.payload or {"method": item.method})}
-                if item.result is not None:
-                    job.update(status="succeeded", progress=1, stage="cached", ended_at=now,
-                               result=_json({**item.result, "cached": True}))
-                elif item.error is not None:
-                    job.update(status="failed", progress=0, stage="failed", ended_at=now, error=_json(item.error))
-                else:
-                    job.update(status="queued", progress=0, stage="queued")
-                    queued.append(job_id)
-                pipe.hset(job_key(job_id), mapping=job)
-                pipe.expire(job_key(job_id), ttl_s)
-            for start in range(0, len(queued), 1000):
-                pipe.lpush(queue, *queued[start:start + 1000])
-            if queued:
-                pipe.lpush(wake_key(self.queue_name), *["1"] * min(len(queued), MAX_WAKES))
-                pipe.ltrim(wake_key(self.queue_name), 0, MAX_WAKES - 1)
-            pipe.zadd(owner_studies_key(owner), {study_id: float(now)})
-            pipe.expire(owner_studies_key(owner), ttl_s)
-            pipe.execute()
+        pipe.multi()
+        key = study_key(study_id)
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, ttl_s)
+        for index, data in enumerate(images):
+            pipe.set(study_image_key(study_id, index), data, ex=ttl_s)
+        for index, data in masks.items():
+            pipe.set(study_mask_key(study_id, index), data, ex=ttl_s)
+        queued = []
+        for item in items:
+            job_id = item_id(study_id, item.index)
+            job = {"id": job_id, "queue": self.queue_name, "owner": owner, "study": study_id,
+                   "created_at": now, "attempts": 0, "lost": 0, "token": 0, "result_ttl": result_ttl_s,
+                   "max_lost": self.max_losses, "timeout_s": item.timeout_s,
+                   "payload": _json(item.payload or {"method": item.method})}
+            if item.result is not None:
+                job.update(status="succeeded", progress=1, stage="cached", ended_at=now,
+                           result=_json({**item.result, "cached": True}))
+            elif item.error is not None:
+                job.update(status="failed", progress=0, stage="failed", ended_at=now, error=_json(item.error))
+            else:
+                job.update(status="queued", progress=0, stage="queued")
+                queued.append(job_id)
+            pipe.hset(job_key(job_id), mapping=job)
+            pipe.expire(job_key(job_id), ttl_s)
+        for start in range(0, len(queued), 1000):
+            pipe.lpush(queue, *queued[start:start + 1000])
+        if queued:
+            pipe.lpush(wake_key(self.queue_name), *["1"] * min(len(queued), MAX_WAKES))
+            pipe.ltrim(wake_key(self.queue_name), 0, MAX_WAKES - 1)
+        pipe.zadd(owner_studies_key(owner), {study_id: float(now)})
+        pipe.expire(owner_studies_key(owner), ttl_s)
+        pipe.execute()
         return fields
 
     def fields(self, study_id: str) -> dict[str, str] | None:
@@ -215,7 +238,8 @@ class StudyStore:
         """Cancel every queued item and ask running ones to stop: ``canceling`` (items still
         running), ``canceled``, ``missing`` (also another owner's), or the status it already has."""
         error = _json({"code": "canceled", "message": "the study was canceled before this item ran"})
-        return _text(self._cancel(keys=[study_key(study_id)], args=[study_id, owner, error, int(cancel_ttl_s)]))
+        return _text(self._cancel(keys=[study_key(study_id), queue_key(self.queue_name)],
+                                  args=[study_id, owner, error, int(cancel_ttl_s)]))
 
     # --- the workers' side ---
     def spec(self, study_id: str) -> str | None:
@@ -244,7 +268,9 @@ def study_view(fields: dict[str, str]) -> dict[str, Any]:
     }
 
 
-# KEYS: study. ARGV: id, caller (owner), canceled error JSON, cancel ttl.
+# KEYS: study, the study queue. ARGV: id, caller (owner), canceled error JSON, cancel ttl.
+# The canceled items leave the queue list in one pass (the list rebuilt without them, order
+# kept), so its length, which UNBOX_STUDY_MAX_QUEUED_ITEMS bounds, counts only waiting items.
 _CANCEL_STUDY = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -257,7 +283,7 @@ for k = 0, tonumber(f[3]) - 1 do
   local id = ARGV[1] .. '-' .. k
   local key = 'unbox:job:' .. id
   local status = redis.call('HGET', key, 'status')
-  if status == 'queued' then  -- left in the queue list: the take script skips what is not queued
+  if status == 'queued' then
     redis.call('HSET', key, 'status', 'canceled', 'ended_at', tostring(now), 'stage', 'canceled', 'error', ARGV[3])
     redis.call('EXPIRE', key, f[4])
     redis.call('HINCRBY', KEYS[1], 'n_canceled', 1)
@@ -266,6 +292,16 @@ for k = 0, tonumber(f[3]) - 1 do
     redis.call('SET', 'unbox:cancel:' .. id, '1', 'EX', ARGV[4])
     running = running + 1
   end
+end
+local prefix = ARGV[1] .. '-'
+local waiting = redis.call('LRANGE', KEYS[2], 0, -1)
+local keep = {}
+for _, id in ipairs(waiting) do
+  if string.sub(id, 1, #prefix) ~= prefix then keep[#keep + 1] = id end
+end
+if #keep < #waiting then
+  redis.call('DEL', KEYS[2])
+  for i = 1, #keep, 1000 do redis.call('RPUSH', KEYS[2], unpack(keep, i, math.min(i + 999, #keep))) end
 end
 local g = redis.call('HMGET', KEYS[1], 'ended', 'total')
 if tonumber(g[1]) >= tonumber(g[2]) then
