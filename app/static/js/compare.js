@@ -93,6 +93,8 @@ export class CompareGrid {
     this.run += 1;
     this.cells.clear();
     this.grid.replaceChildren();
+    if (this.baseUrl) URL.revokeObjectURL(this.baseUrl); // the cells that showed it are gone
+    this.baseUrl = null;
     this.downloadButton.disabled = true;
     this.status.textContent = "Ready: compare every method on this image.";
     showError(this.error, null);

@@ -1,5 +1,5 @@
 // The Structured Attention Graph viewer: the server's SVG (one panel per root) fitted to the
-// card's width, with pan (drag, arrow keys) and zoom (wheel, +/-, buttons) done on its viewBox,
+// card's width, with pan (drag, arrow keys) and zoom (Ctrl + wheel or pinch, +/-, buttons) done on its viewBox,
 // and a click on a node drawing that node's patches large from the uploaded image.
 
 import { el, percent } from "./dom.js";
@@ -147,7 +147,7 @@ async function drawPatches(imageUrl, result, patches) {
  */
 export function graphViewer(svg, result, imageUrl, caption) {
   svg.classList.add("sag-svg");
-  svg.setAttribute("role", "img");
+  svg.setAttribute("role", "group"); // its nodes are buttons, which an img role would hide
   svg.setAttribute("aria-label", `Structured attention graph for ${caption}`);
   const view = new ViewBox(svg);
   svg.dataset.width = String(view.full.w); // the drawing's own size, before it is fitted to the card
@@ -157,7 +157,7 @@ export function graphViewer(svg, result, imageUrl, caption) {
   view.apply();
 
   const viewport = el("div", { class: "graph-viewport", tabindex: "0", "data-role": "graph-viewport",
-    "aria-label": "Structured attention graph: drag or arrow keys to pan, wheel or + and - to zoom, 0 to fit" }, svg);
+    "aria-label": "Structured attention graph: drag or arrow keys to pan, + and - to zoom, 0 to fit" }, svg);
   const zoomLabel = el("output", { class: "hint", "data-role": "zoom-level" }, "100%");
   const showZoom = () => { zoomLabel.textContent = percent(view.zoom, 0); };
   const button = (label, text, action) => {
@@ -172,7 +172,9 @@ export function graphViewer(svg, result, imageUrl, caption) {
     button("Fit", "Fit", () => view.reset()),
     zoomLabel);
 
+  // Ctrl + wheel (and a trackpad's pinch, which arrives as one) zooms; a plain wheel scrolls the page.
   viewport.addEventListener("wheel", (event) => {
+    if (!event.ctrlKey && !event.metaKey) return;
     event.preventDefault();
     const point = view.toDrawing(event.clientX, event.clientY);
     view.zoomBy(event.deltaY < 0 ? STEP : 1 / STEP, point.x, point.y);
@@ -182,6 +184,7 @@ export function graphViewer(svg, result, imageUrl, caption) {
   let drag = null;
   viewport.addEventListener("pointerdown", (event) => {
     if (event.button !== 0) return;
+    delete viewport.dataset.dragged;
     drag = { x: event.clientX, y: event.clientY, moved: false, id: event.pointerId };
   });
   viewport.addEventListener("pointermove", (event) => {
@@ -276,6 +279,7 @@ export function graphViewer(svg, result, imageUrl, caption) {
     if (node) choose(node);
   });
 
-  const hint = el("p", { class: "hint" }, "Drag to pan, scroll or press + / − to zoom, click a node to see its patches large.");
+  const hint = el("p", { class: "hint" }, "Drag to pan; Ctrl + scroll, pinch or + / − to zoom; click a node to see "
+    + "its patches large.");
   return el("div", { class: "graph-view", "data-role": "graph-view" }, toolbar, viewport, hint, detail);
 }
