@@ -345,6 +345,8 @@ def test_jobs_run_with_live_progress_and_cancel(page, chelsea: Image.Image, arti
 # Deep methods at a toy size for the comparison (I-GOS++ takes the same parameters); SAG keeps its
 # default parameters, so the graph drawn is the default one.
 QUICK_MASKS = QUICK_IGOS
+# SAG at a toy size for the second row (a 4 x 4 lattice, Grad-CAM ordering, a small graph)
+TOY_SAG = '{"grid": 4, "beam_width": 1, "successors": 4, "max_roots": 1, "ordering": "gradcam", "max_nodes": 12}'
 RECORD_STATUS_TEXTS = """() => { window.statusTexts = [];
   new MutationObserver(() => document.querySelectorAll('.job [data-role=status]').forEach(
     n => window.statusTexts.push(n.closest('.job').dataset.method + ': ' + n.textContent)))
@@ -359,7 +361,8 @@ EDGES_REMOVING_MORE_THAN_ONE_PATCH = """svg => [...svg.querySelectorAll('line.ed
 }).length"""
 
 
-def test_compare_grid_and_readable_sag_graph(page, coffee: Image.Image, artifacts: Path) -> None:
+def test_compare_grid_and_readable_sag_graph(page, coffee: Image.Image, chelsea: Image.Image,
+                                            artifacts: Path) -> None:
     """Every method fills the comparison grid (the deep ones as jobs, with the parameters in their
     cards); the jobs show their queue position and the parameters they run with; the default SAG
     graph (the espresso photo has 10 roots, a 100-node graph) is readable: its roots in view without
@@ -431,9 +434,23 @@ def test_compare_grid_and_readable_sag_graph(page, coffee: Image.Image, artifact
     assert f"p = {float(child.get_attribute('data-score')):.3f}" in detail.locator("[data-role=node-score]").text_content()
     assert detail.locator("canvas").evaluate("c => c.width") >= 300
 
+    # a second image adds a row (SAG at a toy size now); the first row stays as it was
+    upload(page, "chelsea.jpg", jpeg_bytes(chelsea), "image/jpeg")
+    page.wait_for_function("() => document.querySelector('#predictions .prediction')"
+                           " && document.querySelector('#original-caption').textContent.startsWith('chelsea')")
+    page.locator("#job-sag summary").click()
+    page.locator("#job-sag textarea").fill(TOY_SAG)
+    page.click("#compare-start")
+    page.wait_for_function("() => document.querySelectorAll('#compare-grid .compare-row').length === 2"
+                           " && document.querySelector('#compare-grid').dataset.complete === 'true'", timeout=180_000)
+    rows = page.eval_on_selector_all("#compare-grid .compare-row", "rows => rows.map(r => [r.querySelector('h3')"
+                                     ".textContent, r.querySelectorAll('.compare-cell[data-state=done]').length])")
+    assert rows[0][0].startswith("coffee.jpg") and rows[1][0].startswith("chelsea.jpg"), rows
+    assert rows[0][1] == rows[1][1] == 11, rows
+
     with page.expect_download() as download_info:
         page.click("#compare-download")
-    with Image.open(download_info.value.path()) as figure:
-        assert figure.format == "PNG" and figure.width >= 5 * 240
+    with Image.open(download_info.value.path()) as figure:  # a header, then a row per image: 13 columns
+        assert figure.format == "PNG" and figure.width >= 13 * 200 and figure.height > 350, figure.size
     page.locator("#compare").scroll_into_view_if_needed()
     page.screenshot(path=str(artifacts / "dashboard-compare.png"), full_page=True)

@@ -1,7 +1,8 @@
-// "Compare methods": every method on the chosen image and class in one grid, each cell with its
-// overlay, deletion / insertion AUCs and time. The synchronous methods are asked one after the
-// other (POST /v1/explain with metrics); the deep ones run as the job cards' jobs, with the
-// parameters in their cards, and fill in as they finish. The grid downloads as one PNG.
+// "Compare methods": every method on the chosen image and class in one row of cells, each with
+// its overlay, deletion / insertion AUCs and time; a few images, one row each. The synchronous
+// methods are asked one after the other (POST /v1/explain with metrics); the deep ones run as the
+// job cards' jobs, with the parameters in their cards, and fill in as they finish. The rows
+// download as one PNG.
 
 import { ApiError, explain, getSynchronousMethods } from "./api.js";
 import { el, percent, pngDataUrl, seconds, show, showError, stem } from "./dom.js";
@@ -9,8 +10,8 @@ import { METHOD_TITLES } from "./jobs.js";
 
 // The seed article's figure first (Grad-CAM, Score-CAM, I-GOS, I-GOS++, SAG), then the others.
 const FIRST = ["gradcam", "scorecam", "igos", "igos++", "sag"];
-const FIGURE_COLUMNS = 5;
-const FIGURE_CELL = 240; // CSS pixels of a cell's picture width in the downloaded figure
+const MAX_ROWS = 4; // images compared at once; adding one more drops the oldest
+const FIGURE_CELL = 200; // pixels of a cell's picture width in the downloaded figure
 const DEEP_TITLES = { igos: "I-GOS", "igos++": "I-GOS++", sag: "SAG" };
 
 function title(method) {
@@ -67,6 +68,29 @@ class Cell {
   }
 }
 
+/** One compared image: its input, its base picture and one cell per method. */
+class Row {
+  constructor(input, methods, run) {
+    this.input = input;
+    this.run = run;
+    this.label = input.targetLabel ?? `class ${input.target}`;
+    this.baseUrl = URL.createObjectURL(input.file);
+    this.cells = new Map(methods.map((method) => [method, new Cell(method, this.baseUrl)]));
+    this.node = el("section", { class: "compare-row", "data-run": String(run) },
+      el("h3", {}, `${input.file.name || "image"} · ${this.label}`),
+      el("div", { class: "compare-cells" }, [...this.cells.values()].map((cell) => cell.node)));
+  }
+
+  get ended() {
+    return [...this.cells.values()].every((c) => c.state === "done" || c.state === "error");
+  }
+
+  release() {
+    URL.revokeObjectURL(this.baseUrl);
+    this.node.remove();
+  }
+}
+
 export class CompareGrid {
   /**
    * @param getInput () => {file, model, target, targetLabel} or null, as the job cards use
@@ -76,27 +100,41 @@ export class CompareGrid {
     this.getInput = getInput;
     this.cards = cards;
     this.syncMethods = [];
-    this.cells = new Map();
+    this.rows = [];
     this.run = 0;
     this.grid = document.getElementById("compare-grid");
     this.status = document.getElementById("compare-status");
     this.error = document.getElementById("compare-error");
     this.startButton = document.getElementById("compare-start");
+    this.clearButton = document.getElementById("compare-clear");
     this.downloadButton = document.getElementById("compare-download");
     this.startButton.addEventListener("click", () => this.start());
+    this.clearButton.addEventListener("click", () => this.clear());
     this.downloadButton.addEventListener("click", () => this.download());
     for (const card of cards) card.onChange((job) => this.jobChanged(card, job));
   }
 
-  /** A new image: the old grid no longer describes it. */
-  reset() {
+  /** The latest row: the one the job cards' jobs belong to. */
+  get current() {
+    return this.rows.at(-1) ?? null;
+  }
+
+  /** A new image or class was chosen: the rows stay (they name their image); the next
+   * comparison adds a row for it. */
+  imageChanged() {
+    this.status.textContent = this.rows.length
+      ? "Add this image to the comparison, or clear it." : "Ready: compare every method on this image.";
+  }
+
+  clear() {
     this.run += 1;
-    this.cells.clear();
-    this.grid.replaceChildren();
-    if (this.baseUrl) URL.revokeObjectURL(this.baseUrl); // the cells that showed it are gone
-    this.baseUrl = null;
+    for (const row of this.rows) row.release();
+    this.rows = [];
+    this.grid.dataset.complete = "false";
     this.downloadButton.disabled = true;
-    this.status.textContent = "Ready: compare every method on this image.";
+    this.clearButton.disabled = true;
+    this.startButton.disabled = false;
+    this.imageChanged();
     showError(this.error, null);
   }
 
@@ -122,55 +160,66 @@ export class CompareGrid {
         return;
       }
     }
-    this.reset();
-    const run = this.run;
-    this.input = input;
-    this.baseUrl = URL.createObjectURL(input.file);
-    this.label = input.targetLabel ?? `class ${input.target}`;
-    for (const method of this.methods()) {
-      const cell = new Cell(method, this.baseUrl);
-      this.cells.set(method, cell);
-      this.grid.append(cell.node);
+    // The deep cells of an unfinished row would wait for jobs the cards are about to replace.
+    const previous = this.current;
+    if (previous) {
+      for (const card of this.cards) {
+        const cell = previous.cells.get(card.spec.method);
+        if (cell && cell.state !== "done" && cell.state !== "error") cell.failed("Not finished: the next image's job replaced it.");
+      }
     }
+    // The same image and class again replaces its row; beyond MAX_ROWS the oldest goes.
+    for (const row of this.rows.filter((r) => r.input.file === input.file && r.input.target === input.target
+        && r.input.model === input.model)) row.release();
+    this.rows = this.rows.filter((r) => r.node.isConnected);
+    while (this.rows.length >= MAX_ROWS) this.rows.shift().release();
+    this.run += 1;
+    const run = this.run;
+    const row = new Row(input, this.methods(), run);
+    this.rows.push(row);
+    this.grid.append(row.node);
     this.startButton.disabled = true;
+    this.clearButton.disabled = false;
     this.grid.dataset.run = String(run);
+    this.update();
     // The queue works while the synchronous methods are asked: start the jobs first.
     for (const card of this.cards) {
-      if (!this.cells.has(card.spec.method)) continue;
-      this.cells.get(card.spec.method).running("Submitting the job…");
+      if (!row.cells.has(card.spec.method)) continue;
+      row.cells.get(card.spec.method).running("Submitting the job…");
       card.start();
     }
     for (const method of this.syncMethods) {
       if (run !== this.run) return;
-      await this.explainOne(method, run);
+      await this.explainOne(row, method);
     }
-    this.startButton.disabled = false;
+    if (run === this.run) this.startButton.disabled = false;
     this.update();
   }
 
-  async explainOne(method, run) {
-    const cell = this.cells.get(method);
+  async explainOne(row, method) {
+    const cell = row.cells.get(method);
     cell.running("Computing…");
     this.update();
     try {
-      const result = await explain({ image: this.input.file, method, model: this.input.model, target: this.input.target,
+      const result = await explain({ image: row.input.file, method, model: row.input.model, target: row.input.target,
         topK: 1, extra: { metrics: "true" } });
-      if (run !== this.run) return;
+      if (!row.node.isConnected) return;
       const mode = result.details?.mode ? ` (${result.details.mode}${result.details.channels
         ? `, ${result.details.channels} channels` : ""})` : ""; // Score-CAM: exact, or fast on N channels
-      cell.done(result.heatmap.overlay_png, false, aucText(result.metrics) ?? "", result.timing_ms, this.label, mode);
+      cell.done(result.heatmap.overlay_png, false, aucText(result.metrics) ?? "", result.timing_ms, row.label, mode);
     } catch (error) {
-      if (run !== this.run) return;
+      if (!row.node.isConnected) return;
       const unsupported = error instanceof ApiError && error.status === 422;
       cell.failed(unsupported ? `Not for this model: ${error.message}` : (error.readable ?? String(error)));
     }
     this.update();
   }
 
-  /** A job card's job changed: its cell follows it while this grid waits for it. */
+  /** A job card's job changed: the latest row's cell follows it while it waits for it. */
   jobChanged(card, job) {
-    const cell = this.cells.get(card.spec.method);
-    if (!cell || cell.state === "done" || cell.state === "error" || !this.input) return;
+    const row = this.current;
+    const cell = row?.cells.get(card.spec.method);
+    if (!cell || cell.state === "done" || cell.state === "error") return;
     const result = job.result;
     if (job.status === "succeeded" && result) {
       const isGraph = !result.heatmap && result.picture_png;
@@ -181,7 +230,7 @@ export class CompareGrid {
         ? `not a heat map: ${roots.length} root${roots.length === 1 ? "" : "s"}${best !== null
           ? `, the best keeps ${percent(best, 0)} of p` : ""}`
         : (aucText(result.metrics) ?? "");
-      if (png) cell.done(png, isGraph, lines, result.timing_ms, this.label);
+      if (png) cell.done(png, isGraph, lines, result.timing_ms, row.label);
       else cell.failed("The result has no picture.");
     } else if (job.status === "failed" || job.status === "canceled") {
       const why = job.error?.readable ?? job.error?.message ?? job.status;
@@ -195,53 +244,67 @@ export class CompareGrid {
   }
 
   update() {
-    const cells = [...this.cells.values()];
+    const row = this.current;
+    if (!row) return;
+    const cells = [...row.cells.values()];
     const ended = cells.filter((c) => c.state === "done" || c.state === "error").length;
     const done = cells.filter((c) => c.state === "done").length;
+    const images = this.rows.length > 1 ? ` (${this.rows.length} images compared)` : "";
     this.status.textContent = ended === cells.length
-      ? `All ${cells.length} methods ended: ${done} drawn${done < cells.length ? `, ${cells.length - done} not` : ""}.`
-      : `${ended} of ${cells.length} methods ended; the rest fill in as they finish.`;
-    this.grid.dataset.complete = String(ended === cells.length);
-    this.downloadButton.disabled = done === 0;
+      ? `All ${cells.length} methods ended: ${done} drawn${done < cells.length ? `, ${cells.length - done} not` : ""}${images}.`
+      : `${ended} of ${cells.length} methods ended; the rest fill in as they finish${images}.`;
+    this.grid.dataset.complete = String(row.ended);
+    this.downloadButton.disabled = !this.rows.some((r) => [...r.cells.values()].some((c) => c.state === "done"));
   }
 
-  /** The grid as one PNG: the original, then every drawn method, FIGURE_COLUMNS per row. */
+  /** Every row as one PNG: a header of method titles, then per image its picture and each
+   * method's cell (a method that did not draw leaves its reason). */
   async download() {
-    const original = el("img", { src: this.baseUrl });
-    await original.decode();
-    const ratio = original.naturalHeight / Math.max(original.naturalWidth, 1);
+    const methods = [...new Set(this.rows.flatMap((r) => [...r.cells.keys()]))];
+    const originals = await Promise.all(this.rows.map(async (row) => {
+      const image = el("img", { src: row.baseUrl });
+      await image.decode();
+      return image;
+    }));
+    const ratio = Math.max(...originals.map((o) => o.naturalHeight / Math.max(o.naturalWidth, 1)));
     const pictureH = Math.round(FIGURE_CELL * ratio);
-    const drawn = [...this.cells.values()].filter((c) => c.state === "done");
-    const entries = [{ title: "Image", lines: [this.label], picture: original }, ...drawn.map((c) => ({
-      title: c.title, lines: [c.aucs.textContent, c.time.textContent].filter(Boolean), picture: c.overlay }))];
-    const pad = 12;
+    const pad = 10;
     const cellW = FIGURE_CELL + pad;
-    const cellH = 22 + pictureH + 2 * 16 + pad;
-    const columns = Math.min(FIGURE_COLUMNS, entries.length);
-    const rows = Math.ceil(entries.length / columns);
-    const header = 34;
-    const canvas = el("canvas", { width: String(pad + columns * cellW), height: String(header + rows * cellH + pad) });
+    const cellH = pictureH + 2 * 16 + 2 * pad;
+    const header = 28;
+    const canvas = el("canvas", { width: String(pad + (1 + methods.length) * cellW),
+      height: String(header + this.rows.length * cellH + pad) });
     const ctx = canvas.getContext("2d");
     ctx.fillStyle = "#fff";
     ctx.fillRect(0, 0, canvas.width, canvas.height);
     ctx.fillStyle = "#111";
-    ctx.font = "bold 16px sans-serif";
-    ctx.fillText(`${this.input.file.name || "image"} · ${this.input.model || "default model"} · ${this.label}`, pad, 22);
-    for (const [i, entry] of entries.entries()) {
-      const x = pad + (i % columns) * cellW;
-      const y = header + Math.floor(i / columns) * cellH;
-      ctx.fillStyle = "#111";
-      ctx.font = "bold 14px sans-serif";
-      ctx.fillText(entry.title, x, y + 15, FIGURE_CELL);
-      if (entry.picture !== original) ctx.drawImage(original, x, y + 22, FIGURE_CELL, pictureH);
-      ctx.drawImage(entry.picture, x, y + 22, FIGURE_CELL, pictureH);
-      ctx.font = "12px sans-serif";
-      ctx.fillStyle = "#333";
-      entry.lines.forEach((line, k) => ctx.fillText(line, x, y + 22 + pictureH + 15 + 16 * k, FIGURE_CELL));
-    }
+    ctx.font = "bold 15px sans-serif";
+    ["Image", ...methods.map(title)].forEach((text, column) => ctx.fillText(text, pad + column * cellW, 19, FIGURE_CELL));
+    this.rows.forEach((row, r) => {
+      const y = header + r * cellH;
+      const original = originals[r];
+      const height = Math.round(FIGURE_CELL * (original.naturalHeight / Math.max(original.naturalWidth, 1)));
+      const entries = [{ picture: original, lines: [row.input.file.name || "image", row.label] },
+        ...methods.map((method) => {
+          const cell = row.cells.get(method);
+          return { picture: cell?.state === "done" ? cell.overlay : null,
+            lines: cell ? [cell.aucs.textContent, cell.time.textContent].filter(Boolean) : ["not compared"] };
+        })];
+      entries.forEach((entry, column) => {
+        const x = pad + column * cellW;
+        if (entry.picture) {
+          if (entry.picture !== original) ctx.drawImage(original, x, y, FIGURE_CELL, height);
+          ctx.drawImage(entry.picture, x, y, FIGURE_CELL, height);
+        }
+        ctx.font = "12px sans-serif";
+        ctx.fillStyle = entry.picture ? "#333" : "#b42318";
+        entry.lines.forEach((line, k) => ctx.fillText(line, x, y + pictureH + 14 + 16 * k, FIGURE_CELL));
+      });
+    });
     const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
     const url = URL.createObjectURL(blob);
-    const link = el("a", { href: url, download: `${stem(this.input.file.name)}-compare.png` });
+    const first = this.rows[0]?.input.file.name;
+    const link = el("a", { href: url, download: `${stem(first)}${this.rows.length > 1 ? `-and-${this.rows.length - 1}-more` : ""}-compare.png` });
     document.body.append(link);
     link.click();
     link.remove();

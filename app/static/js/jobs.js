@@ -208,6 +208,9 @@ export class JobCard {
       return;
     }
     this.stopPolling();
+    // A new start replaces the card's job: one still queued or running would only hold a worker.
+    const previous = this.job;
+    if (previous?.id && !TERMINAL.has(previous.status)) cancelJob(previous.id).catch(() => {});
     this.clearResult();
     this.cancelRequested = false;
     this.input = input;

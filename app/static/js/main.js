@@ -118,7 +118,7 @@ function setImage(file) {
   show(img, true);
   show($("original-empty"), false);
   $("original-caption").textContent = `${file.name || "pasted image"} · ${(file.size / 1024).toFixed(0)} KB`;
-  state.compare?.reset();
+  state.compare?.imageChanged();
   analyse();
 }
 
@@ -254,7 +254,7 @@ function chooseTarget(index) {
   if (index === state.target) return;
   state.target = index;
   markTarget();
-  state.compare?.reset();
+  state.compare?.imageChanged();
   explainAll();
 }
 
