@@ -55,7 +55,7 @@ except ImportError as exc:
 def server(artifacts: Path) -> Iterator[str]:
     """``unbox serve`` with a small Score-CAM channel count and the test-only ``slow`` job method."""
     process, url = start_api({"UNBOX_SCORECAM_CHANNELS": "16", "UNBOX_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
-                              "UNBOX_JOB_METHOD_MODULES": "tests.queue_support", "UNBOX_TORCH_THREADS": "2",
+                              "UNBOX_JOB_METHOD_MODULES": "tests.queue_support", "UNBOX_TORCH_THREADS": "1",
                               "UNBOX_CPU_RUNTIME": "torch", "UNBOX_FAST_WARMUP": "false"},  # the page is under test
                              artifacts / "dashboard-server.log", command="serve")
     yield url
