@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,16 +79,12 @@ def compare_picture(model, settings, preset: str) -> None:
     save_small_png(Image.open(io.BytesIO(png)), OUT / "compare.png")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def dashboard_picture() -> None:
     """Start ``unbox serve``, open the dashboard, choose the cat sample, screenshot the top."""
-    import httpx
     from playwright.sync_api import sync_playwright
+
+    from bench.queue import wait_ready
+    from workers.redis_server import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -99,17 +93,11 @@ def dashboard_picture() -> None:
         server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=REPO, env=env, stdout=log,
                                   stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise SystemExit(f"unbox serve did not start: {log.read()[-2000:].decode(errors='replace')}")
-                try:
-                    if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
+            try:
+                wait_ready(url, server)
+            except SystemExit as exc:
+                log.seek(0)
+                raise SystemExit(f"unbox serve did not start ({exc}): {log.read()[-2000:].decode(errors='replace')}")
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
                 page = browser.new_page(viewport={"width": 1280, "height": 900}, device_scale_factor=1)
